@@ -1,0 +1,94 @@
+"""Which Dask client a fit runs on, and the LocalCluster xpcsfit starts by default.
+
+Worker settings: one thread per worker process and XLA restricted to one intra-op
+thread, so that n_workers × threads never exceeds the cores (JAX on CPU otherwise
+starts a thread pool per process as wide as the machine and oversubscribes it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from ._errors import ConfigError
+
+WORKER_ENV = {
+    "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    # One worker per GPU where CUDA is present; never grab the whole card up front.
+    "XLA_PYTHON_CLIENT_PREALLOCATE": "false",
+}
+
+
+def local_cluster(n_workers: int | None = None, memory_limit="auto"):
+    """Start a LocalCluster of worker processes on 127.0.0.1 with :data:`WORKER_ENV`.
+
+    Parameters
+    ----------
+    n_workers : int, optional
+        Default: the number of cores (at most 8).
+    memory_limit : str or int
+        Per worker, as for ``distributed.LocalCluster``.
+    """
+    from distributed import LocalCluster
+
+    n = n_workers or max(1, min(8, os.cpu_count() or 1))
+    return LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
+        memory_limit=memory_limit, env=dict(WORKER_ENV), silence_logs=40,
+    )
+
+
+@contextlib.contextmanager
+def dask_client(client=None, scheduler: str | None = None, on_start=None):
+    """Yield the client a fit should use.
+
+    Order: an explicit ``client``; inside a Dask task, a ``worker_client`` (the fit
+    fans out its tile tasks from the worker); a ``scheduler`` address; the current
+    default client of this process; else a new LocalCluster, closed on exit.
+
+    Parameters
+    ----------
+    on_start : callable(client), optional
+        Called when a LocalCluster was started here (to print the dashboard link).
+
+    Raises
+    ------
+    ConfigError
+        If the scheduler address cannot be reached.
+    """
+    from distributed import Client, default_client, get_worker, worker_client
+
+    if client is not None:
+        yield client
+        return
+    try:
+        get_worker()
+        in_task = True
+    except ValueError:
+        in_task = False
+    if in_task:
+        with worker_client() as wc:
+            yield wc
+        return
+    if scheduler:
+        try:
+            c = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as exc:
+            raise ConfigError(f"scheduler {scheduler}: cannot connect ({exc})") from None
+        with c:
+            yield c
+        return
+    try:
+        existing = default_client()
+    except ValueError:
+        existing = None
+    if existing is not None:
+        yield existing
+        return
+    with local_cluster() as cluster, Client(cluster) as c:
+        if on_start is not None:
+            on_start(c)
+        yield c

@@ -1,0 +1,254 @@
+"""``xpcsfit.fit``: open the data, lay out tiles, run the solver, report, write."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ._cluster import dask_client
+from ._config import load_config
+from ._dataset import open_dataset
+from ._errors import ConfigError
+from ._evaluator import DaskEvaluator
+from ._initial import initial_estimates
+from ._kernel import ParameterLayout
+from ._output import atomic_directory, create_fitted_store, write_fitted_tile
+from ._parameters import DEFAULT_GAP, DEFAULT_INITIAL, physics_names
+from ._results import FitResult, correlation_warnings, covariance_from_normal_equations, transport_bands
+from ._solver import IterationReport, TrustRegionLM
+from ._tiles import plan_tiles
+
+
+class GapWarning(UserWarning):
+    """The gap L was not given and the default was used."""
+
+
+def _say(progress, message: str) -> None:
+    if progress:
+        print(message, flush=True)
+
+
+def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
+        config=None, out=None, client=None, scheduler=None, tile=None, dt=None,
+        progress=True) -> FitResult:
+    """Fit the homodyne model to two-time c2 data on a Dask cluster.
+
+    Parameters
+    ----------
+    input : str or Path
+        APS-U / legacy HDF5 result file, or a store written by ``xpcsfit ingest``.
+    q, q_index, phi, frames, dt
+        Selection, as for :func:`xpcsfit.open_dataset` (q in 1/Å, phi in degrees,
+        frames inclusive 0-based, dt in s). Default: every q with maps, all phi,
+        frames 1 … T-1.
+    mode : {"laminar_flow", "static"}, optional
+        Default: the config's, else "laminar_flow".
+    gap : float, optional
+        Gap L in Å (laminar_flow). Default 2.0e6 Å, with a :class:`GapWarning`: the
+        files do not record it.
+    config : str, Path, dict or FitConfig, optional
+        YAML file or mapping (see :mod:`xpcsfit._config`); keywords override it.
+    out : str or Path, optional
+        Directory for fit.json, fitted.zarr and PNGs (replaced atomically). None: write
+        nothing.
+    client : distributed.Client, optional
+        Default: inside a Dask task the worker's client; else ``scheduler``; else the
+        process's default client; else a new LocalCluster.
+    scheduler : str, optional
+        Address of a running scheduler.
+    tile : int, optional
+        Tile edge in frames (default 256, or the config's).
+    progress : bool
+        Print one line per iteration.
+
+    Returns
+    -------
+    FitResult
+
+    Raises
+    ------
+    InputError
+        Unreadable or invalid input (missing keys, NaN/Inf in c2, bad dt in the file).
+    ConfigError
+        Bad selection, option or config value.
+    """
+    started = time.perf_counter()
+    cfg = load_config(config, mode=mode, gap=gap, tile=tile)
+    names = physics_names(cfg.mode)
+    L = cfg.gap
+    if L is None:
+        L = DEFAULT_GAP
+        if cfg.mode == "laminar_flow":
+            warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
+                          "(the result files do not record it)", GapWarning, stacklevel=2)
+    ds = open_dataset(input, q=q, q_index=q_index, phi=phi, frames=frames, dt=dt, tile=cfg.tile)
+    plan = plan_tiles(ds, cfg.tile)
+    layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
+    _say(progress, f"xpcsfit: {cfg.mode} fit of {ds.attrs['source']}: {ds.sizes['q']} q × "
+                   f"{ds.sizes['phi']} phi × {ds.sizes['t1']} frames = {plan.n_points:,} points "
+                   f"in {len(plan.loads)} tiles")
+
+    def announce(c):
+        _say(progress, f"xpcsfit: started a LocalCluster, dashboard {c.dashboard_link}")
+
+    with dask_client(client, scheduler, on_start=announce) as cl:
+        evaluator = DaskEvaluator(cl, plan.loads, layout, cfg.mode, L)
+        try:
+            result, x = _solve(evaluator, ds, cfg, layout, L, progress)
+            cluster = f"{cl.scheduler.address} ({len(cl.scheduler_info()['workers'])} workers)"
+            result.provenance = _provenance(cfg, L, gap is None and cfg.gap is None, cluster)
+            result.input = _input_info(ds, plan.n_points)
+            if out is not None:
+                _write(Path(out), result, ds, evaluator, layout, cfg, L, plan.size, started)
+            else:
+                rms = evaluator.map_tiles(write_fitted_tile, x, layout, cfg.mode, L, None)
+                result.residual_rms = _residual_rms(rms, layout)
+                result.wall_time_s = time.perf_counter() - started
+        finally:
+            evaluator.close()
+    for w in result.warnings:
+        _say(progress, f"xpcsfit: warning: {w}")
+    return result
+
+
+def _starting_point(evaluator, ds, cfg, layout, L):
+    """x0 and bounds: config values first, then data-driven estimates, then defaults."""
+    n_t = ds.sizes["t1"]
+    lag_sums, lag_counts = evaluator.lag_sums(n_t)
+    q_of_bin = np.repeat(ds["q"].values, layout.n_phi)
+    phi_of_bin = np.tile(ds["phi"].values, layout.n_q)
+    est = initial_estimates(lag_sums, lag_counts, q_of_bin, phi_of_bin, float(ds.attrs["dt"]),
+                            cfg.mode, L)
+    theta0, lower, upper = [], [], []
+    for name in layout.physics:
+        lo, hi = cfg.bound(name)
+        value = cfg.initial.get(name, est.get(name, DEFAULT_INITIAL[name]))
+        # Start strictly inside the box: a parameter on a bound at the start may be
+        # held there by the active set on the first step.
+        margin = 1e-3 * (hi - lo)
+        theta0.append(float(np.clip(value, lo + margin, hi - margin)))
+        lower.append(lo)
+        upper.append(hi)
+    per_bin = {}
+    for name in ("contrast", "offset"):
+        lo, hi = cfg.bound(name)
+        margin = 1e-3 * (hi - lo)
+        value = np.full(layout.n_bins, cfg.initial[name]) if name in cfg.initial else est[name]
+        per_bin[name] = (np.clip(value, lo + margin, hi - margin), lo, hi)
+    x0 = layout.join(theta0, per_bin["contrast"][0], per_bin["offset"][0])
+    nb = layout.n_bins
+    lower = np.concatenate([lower, np.full(nb, per_bin["contrast"][1]), np.full(nb, per_bin["offset"][1])])
+    upper = np.concatenate([upper, np.full(nb, per_bin["contrast"][2]), np.full(nb, per_bin["offset"][2])])
+    return x0, lower, upper
+
+
+def _solve(evaluator, ds, cfg, layout, L, progress):
+    x0, lower, upper = _starting_point(evaluator, ds, cfg, layout, L)
+    _say(progress, "xpcsfit: start " + ", ".join(
+        f"{n}={v:.4g}" for n, v in zip(layout.physics, x0[: layout.p])))
+
+    def report(r: IterationReport):
+        _say(progress, f"  iter {r.iteration:3d}  cost {r.cost:.8e}  step {r.step_norm:.3e}  "
+                       f"damping {r.damping:.2e}  rho {r.rho:.3f}  passes {r.passes}")
+
+    solver = TrustRegionLM(lower, upper, callback=report, **cfg.solver.model_dump())
+    state = solver.solve(evaluator, x0)
+    _say(progress, f"xpcsfit: {state.termination} after {state.iteration} iterations, "
+                   f"{state.passes} data passes")
+    ne = state.ne
+    P = layout.size
+    dof = ne.n - P
+    if dof <= 0:
+        raise ConfigError(f"{ne.n} points cannot determine {P} parameters; select more frames or fewer bins")
+    chi2 = 2.0 * ne.cost
+    cov, warn = covariance_from_normal_equations(ne.jtj, chi2, dof)
+    warn += correlation_warnings(list(layout.physics), cov)
+    if not state.converged:
+        warn.insert(0, f"not converged: {state.termination}")
+    se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    theta, contrast, offset = layout.split(state.x)
+    _, c_se, o_se = layout.split(se)
+    t = ds["t1"].values
+    t_grid = np.linspace(t[0], t[-1], 200)
+    shape = (layout.n_q, layout.n_phi)
+    result = FitResult(
+        mode=cfg.mode, names=list(layout.physics), values=theta.copy(), stderr=se[: layout.p],
+        q=ds["q"].values.astype(float), phi=ds["phi"].values.astype(float),
+        contrast=contrast.reshape(shape), offset=offset.reshape(shape),
+        contrast_stderr=c_se.reshape(shape), offset_stderr=o_se.reshape(shape),
+        residual_rms=np.full(shape, np.nan), covariance=cov, covariance_names=layout.names(),
+        chi2=chi2, reduced_chi2=chi2 / dof, dof=int(dof), n_points=int(ne.n),
+        converged=bool(state.converged), termination=state.termination,
+        iterations=state.iteration, data_passes=evaluator.normal_passes + evaluator.cost_passes,
+        wall_time_s=float("nan"), transport=transport_bands(cfg.mode, layout.physics, theta, cov, t_grid),
+        warnings=warn, x=state.x.copy(),
+    )
+    return result, state.x
+
+
+def _residual_rms(parts, layout) -> np.ndarray:
+    ss = np.zeros(layout.n_bins)
+    nn = np.zeros(layout.n_bins)
+    for b0, s, n in parts:
+        ss[b0 : b0 + s.size] += s
+        nn[b0 : b0 + n.size] += n
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sqrt(ss / nn).reshape(layout.n_q, layout.n_phi)
+
+
+def _write(out, result, ds, evaluator, layout, cfg, L, size, started):
+    from ._plots import heatmap_png, stride_for, transport_png
+
+    import zarr
+
+    t = ds["t1"].values
+    with atomic_directory(out) as tmp:
+        store = tmp / "fitted.zarr"
+        create_fitted_store(store, ds["q"].values, ds["phi"].values, t, size)
+        parts = evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, str(store))
+        result.residual_rms = _residual_rms(parts, layout)
+        fitted = zarr.open_group(str(store), mode="r")["c2_fit"]
+        s = stride_for(t.size)
+        for iq, qv in enumerate(result.q):
+            for ip, pv in enumerate(result.phi):
+                data = np.asarray(ds["c2"].data[iq, ip, ::s, ::s].compute())
+                model = np.asarray(fitted[iq, ip, ::s, ::s])
+                heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data, model,
+                            f"q = {qv:.5g} 1/Å, phi = {pv:.4g}°")
+        transport_png(tmp / "transport.png", result.transport, cfg.mode)
+        result.wall_time_s = time.perf_counter() - started
+        (tmp / "fit.json").write_text(result.to_json())
+
+
+def _input_info(ds, n_points) -> dict:
+    info = {
+        "path": ds.attrs.get("source"),
+        "sha256": ds.attrs.get("sha256"),
+        "layout": ds.attrs.get("layout"),
+        "q": ds["q"].values.tolist(),
+        "q_index": list(ds.attrs.get("q_index", [])),
+        "phi": ds["phi"].values.tolist(),
+        "dt": float(ds.attrs["dt"]),
+        "frames": list(map(int, ds.attrs["frames"])),
+        "n_points": int(n_points),
+    }
+    if "store" in ds.attrs:
+        info["store"] = ds.attrs["store"]
+    return info
+
+
+def _provenance(cfg, L, gap_defaulted, cluster) -> dict:
+    versions = {}
+    for pkg in ("xpcsfit", "jax", "numpy", "scipy", "dask", "distributed", "zarr", "h5py", "xarray"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    config = json.loads(cfg.model_dump_json())
+    config["gap"] = L
+    return {"config": config, "gap_defaulted": gap_defaulted, "versions": versions, "cluster": cluster}

@@ -1,0 +1,316 @@
+"""Per-tile sums: residual cost, block-arrow JᵀJ and Jᵀr (DESIGN.md §5).
+
+A point of bin k touches the p physics parameters and only its own bin's contrast_k
+and offset_k, so the Jacobian of a tile has block-arrow structure. Instead of a dense
+(7 + 2·n_bins)-column Jacobian the kernel forms, per tile:
+
+    A   (p, p)         Σ J_θ J_θᵀ             physics block
+    B_k (p, 2)         Σ J_θ [G, 1]           physics × (contrast_k, offset_k)
+    C_k (2, 2)         Σ [G, 1]ᵀ[G, 1]        per-bin linear block
+    g_θ (p,), g_k (2,) Jᵀr
+    cost = ½ Σ r²,     n = number of points
+
+with r = offset_k + contrast_k·G − c2, J_θ = contrast_k ∂G/∂θ and G = g1². The work per
+point grows with p² (physics only), not with (p + 2·n_bins)². The forward-mode
+Jacobian ∂G/∂θ has p tangents, so one pass costs about p model evaluations.
+
+One compiled function per tile shape and mode: tiles are padded to a common shape and
+the padding is masked by a zero weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _model  # noqa: F401  (sets jax_enable_x64 before any array is made)
+from ._model import g1_squared, g1_squared_with_jacobian
+
+# Cost passes evaluate this many parameter vectors at once (padded with copies), so
+# that a batch of trial steps never triggers a new compilation.
+COST_BATCH = 4
+
+
+@dataclass(frozen=True)
+class Tile:
+    """All phi angles of one q over one (t1, t2) time tile, padded to ``size``.
+
+    Attributes
+    ----------
+    c2 : ndarray (n_phi, size, size), float32
+        Measured c2; padding and points not fitted hold 0.
+    weight : ndarray (size, size), float64
+        1 for fitted points (t2 > t1, inside the selection), 0 elsewhere.
+    t1, t2 : ndarray (size,), float64
+        Times (s) of the rows and columns; padding repeats the last time.
+    q : float
+        1/Å.
+    phi : ndarray (n_phi,)
+        Degrees.
+    bin_start : int
+        Global index of this tile's first (q, phi) bin; its bins are
+        ``bin_start … bin_start + n_phi - 1``.
+    index : tuple of int
+        (q position, row tile, column tile) in the fit's tile grid.
+    extent : tuple of int
+        (rows, columns) that are data, not padding.
+    """
+
+    c2: np.ndarray
+    weight: np.ndarray
+    t1: np.ndarray
+    t2: np.ndarray
+    q: float
+    phi: np.ndarray
+    bin_start: int
+    index: tuple[int, int, int]
+    extent: tuple[int, int]
+
+    @property
+    def n_points(self) -> int:
+        return int(self.weight.sum()) * self.c2.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.c2.nbytes + self.weight.nbytes
+
+
+@dataclass
+class BlockSums:
+    """Reduced block-arrow normal equations of a set of tiles.
+
+    Attributes
+    ----------
+    A : (p, p)        B : (n_bins, p, 2)      C : (n_bins, 2, 2)
+    g_theta : (p,)    g_bin : (n_bins, 2)
+    cost : float      ½ Σ r²
+    n : int           number of points
+    """
+
+    A: np.ndarray
+    B: np.ndarray
+    C: np.ndarray
+    g_theta: np.ndarray
+    g_bin: np.ndarray
+    cost: float
+    n: int
+
+    def __add__(self, other: "BlockSums") -> "BlockSums":
+        return BlockSums(
+            self.A + other.A,
+            self.B + other.B,
+            self.C + other.C,
+            self.g_theta + other.g_theta,
+            self.g_bin + other.g_bin,
+            self.cost + other.cost,
+            self.n + other.n,
+        )
+
+    def dense(self) -> tuple[np.ndarray, np.ndarray]:
+        """Assemble JᵀJ (P, P) and Jᵀr (P,) over x = [θ, contrast_0.., offset_0..].
+
+        P = p + 2·n_bins. The layout matches :class:`ParameterLayout`.
+        """
+        p = self.A.shape[0]
+        nb = self.C.shape[0]
+        P = p + 2 * nb
+        jtj = np.zeros((P, P))
+        jtj[:p, :p] = self.A
+        ic = p + np.arange(nb)
+        io = p + nb + np.arange(nb)
+        jtj[:p, ic] = self.B[:, :, 0].T
+        jtj[:p, io] = self.B[:, :, 1].T
+        jtj[ic, :p] = self.B[:, :, 0]
+        jtj[io, :p] = self.B[:, :, 1]
+        jtj[ic, ic] = self.C[:, 0, 0]
+        jtj[ic, io] = self.C[:, 0, 1]
+        jtj[io, ic] = self.C[:, 1, 0]
+        jtj[io, io] = self.C[:, 1, 1]
+        jtr = np.concatenate([self.g_theta, self.g_bin[:, 0], self.g_bin[:, 1]])
+        return jtj, jtr
+
+
+@dataclass(frozen=True)
+class ParameterLayout:
+    """Where each parameter sits in the solver's vector x.
+
+    x = [θ (p physics parameters), contrast of every bin, offset of every bin], bins
+    ordered (q, phi) row-major: bin = q_position·n_phi + phi_position.
+    """
+
+    physics: tuple[str, ...]
+    n_q: int
+    n_phi: int
+
+    @property
+    def p(self) -> int:
+        return len(self.physics)
+
+    @property
+    def n_bins(self) -> int:
+        return self.n_q * self.n_phi
+
+    @property
+    def size(self) -> int:
+        return self.p + 2 * self.n_bins
+
+    def split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(θ (p,), contrast (n_bins,), offset (n_bins,)) views of x (..., P)."""
+        p, nb = self.p, self.n_bins
+        return x[..., :p], x[..., p : p + nb], x[..., p + nb :]
+
+    def join(self, theta, contrast, offset) -> np.ndarray:
+        return np.concatenate([np.asarray(theta, float), np.ravel(contrast), np.ravel(offset)])
+
+    def names(self) -> list[str]:
+        return (
+            list(self.physics)
+            + [f"contrast[{b}]" for b in range(self.n_bins)]
+            + [f"offset[{b}]" for b in range(self.n_bins)]
+        )
+
+
+def _residual_parts(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
+    G = g1_squared(theta, mode, q, L, phi, t1, t2)
+    r = (offset[:, None, None] + contrast[:, None, None] * G - c2) * weight
+    return G, r
+
+
+@partial(jax.jit, static_argnames=("mode",))
+def _tile_block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
+    c2 = c2.astype(jnp.float64)
+    n_phi = c2.shape[0]
+    p = theta.shape[0]
+    G, dG = g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2)
+    G = jnp.broadcast_to(G, c2.shape)
+    dG = jnp.broadcast_to(dG, c2.shape + (p,))
+    r = (offset[:, None, None] + contrast[:, None, None] * G - c2) * weight
+    # Per bin, the augmented columns X_k = [contrast_k ∂G/∂θ, G, 1] (weighted); one
+    # batched Gram product X_kᵀX_k gives A (summed over k), B_k and C_k at once.
+    w = jnp.broadcast_to(weight, c2.shape)[..., None]
+    X = jnp.concatenate(
+        [contrast[:, None, None, None] * dG, G[..., None], jnp.ones_like(G)[..., None]], axis=-1
+    ) * w
+    X = X.reshape(n_phi, -1, p + 2)
+    M = jnp.matmul(jnp.swapaxes(X, 1, 2), X)  # (n_phi, p+2, p+2)
+    v = jnp.matmul(jnp.swapaxes(X, 1, 2), r.reshape(n_phi, -1, 1))[..., 0]  # (n_phi, p+2)
+    A = M[:, :p, :p].sum(axis=0)
+    B = M[:, :p, p:]
+    C = M[:, p:, p:]
+    g_theta = v[:, :p].sum(axis=0)
+    g_bin = v[:, p:]
+    cost = 0.5 * jnp.sum(r * r)
+    return A, B, C, g_theta, g_bin, cost
+
+
+@partial(jax.jit, static_argnames=("mode",))
+def _tile_costs(thetas, contrasts, offsets, q, L, phi, t1, t2, c2, weight, mode):
+    c2 = c2.astype(jnp.float64)
+
+    def one(theta, contrast, offset):
+        _, r = _residual_parts(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode)
+        return 0.5 * jnp.sum(r * r)
+
+    return jax.vmap(one)(thetas, contrasts, offsets)
+
+
+@partial(jax.jit, static_argnames=("mode",))
+def _tile_model(theta, contrast, offset, q, L, phi, t1, t2, mode):
+    G = g1_squared(theta, mode, q, L, phi, t1, t2)
+    return offset[:, None, None] + contrast[:, None, None] * G
+
+
+def _tile_args(tile: Tile):
+    return (tile.q, tile.phi, tile.t1, tile.t2)
+
+
+def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> BlockSums:
+    """Block-arrow normal equations of one tile at x, with global bin arrays.
+
+    Parameters
+    ----------
+    tile : Tile
+    x : ndarray (P,)
+        Full parameter vector (see :class:`ParameterLayout`).
+    layout : ParameterLayout
+    mode : {"static", "laminar_flow"}
+    L : float
+        Gap, Å.
+
+    Returns
+    -------
+    BlockSums with B, C, g_bin of shape (n_bins, …), zero outside this tile's bins.
+    """
+    theta, contrast, offset = layout.split(np.asarray(x, float))
+    n_phi = tile.c2.shape[0]
+    sl = slice(tile.bin_start, tile.bin_start + n_phi)
+    A, B, C, g_theta, g_bin, cost = _tile_block_sums(
+        theta, contrast[sl], offset[sl], tile.q, L, tile.phi, tile.t1, tile.t2,
+        tile.c2, tile.weight, mode=mode,
+    )
+    nb, p = layout.n_bins, layout.p
+    B_full = np.zeros((nb, p, 2))
+    C_full = np.zeros((nb, 2, 2))
+    g_full = np.zeros((nb, 2))
+    B_full[sl] = np.asarray(B)
+    C_full[sl] = np.asarray(C)
+    g_full[sl] = np.asarray(g_bin)
+    return BlockSums(np.asarray(A), B_full, C_full, np.asarray(g_theta), g_full,
+                     float(cost), tile.n_points)
+
+
+def tile_costs(tile: Tile, xs: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> np.ndarray:
+    """½ Σ r² of one tile for each row of xs (m, P); returns (m,)."""
+    xs = np.atleast_2d(np.asarray(xs, float))
+    m = xs.shape[0]
+    n_batches = -(-m // COST_BATCH)
+    padded = np.concatenate([xs, np.repeat(xs[-1:], n_batches * COST_BATCH - m, axis=0)])
+    theta, contrast, offset = layout.split(padded)
+    n_phi = tile.c2.shape[0]
+    sl = slice(tile.bin_start, tile.bin_start + n_phi)
+    out = []
+    for b in range(n_batches):
+        rows = slice(b * COST_BATCH, (b + 1) * COST_BATCH)
+        out.append(np.asarray(_tile_costs(
+            theta[rows], contrast[rows, sl], offset[rows, sl], tile.q, L, tile.phi,
+            tile.t1, tile.t2, tile.c2, tile.weight, mode=mode,
+        )))
+    return np.concatenate(out)[:m]
+
+
+def tile_model(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> np.ndarray:
+    """Model c2 on the tile grid, (n_phi, size, size) float64 (padding included)."""
+    theta, contrast, offset = layout.split(np.asarray(x, float))
+    n_phi = tile.c2.shape[0]
+    sl = slice(tile.bin_start, tile.bin_start + n_phi)
+    return np.asarray(_tile_model(theta, contrast[sl], offset[sl], tile.q, L, tile.phi,
+                                  tile.t1, tile.t2, mode=mode))
+
+
+def tile_lag_sums(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
+    """Sums of c2 and point counts per lag (frame difference) over the fitted points.
+
+    Returns
+    -------
+    lag0 : int
+        Lag (in frames) of the first entry.
+    sums : ndarray (n_phi, n_lags)
+    counts : ndarray (n_lags,)
+    """
+    size = tile.weight.shape[0]
+    i = np.arange(size)[:, None]
+    j = np.arange(size)[None, :]
+    row0, col0 = tile.index[1] * size, tile.index[2] * size
+    lag = (col0 + j) - (row0 + i)
+    mask = tile.weight > 0
+    lag0 = int(lag[mask].min()) if mask.any() else 0
+    idx = (lag - lag0)[mask]
+    n_lags = int(idx.max()) + 1 if mask.any() else 0
+    counts = np.bincount(idx, minlength=n_lags).astype(float)
+    sums = np.stack([np.bincount(idx, weights=c[mask].astype(float), minlength=n_lags)
+                     for c in tile.c2])
+    return lag0, sums, counts

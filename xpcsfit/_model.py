@@ -1,0 +1,216 @@
+"""The homodyne two-time correlation model in JAX (DESIGN.md §2).
+
+For one q and azimuthal angles phi_i (He et al., PNAS 2024, Eqs. 9-13):
+
+    c2(phi_i, t1, t2) = offset_i + contrast_i * g1**2
+    g1       = g1_diff * g1_shear
+    g1_diff  = exp(-(q**2 / 2) * ∫_{t1}^{t2} J(t) dt)
+    g1_shear = sinc(q * L * cos(phi0 - phi_i) * Γ(t1, t2) / 2),   sinc(x) = sin(x)/x
+    J(t)     = D0 * t**alpha + D_offset                          [Å²/s]
+    Γ(t1,t2) = ∫_{t1}^{t2} gamma_dot_t0 * t**beta + gamma_dot_t_offset dt
+
+Everything here is float64 and pure; the per-tile sums live in ``_kernel.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+
+# The fits need float64 (cost differences of 1e-10 relative); set it explicitly here,
+# where the model is defined, not as a side effect of some other import.
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+
+_SERIES_BELOW = 1e-4
+
+
+def exprel(u):
+    """expm1(u) / u, smooth and accurate through u = 0 (value and gradient).
+
+    Uses the Taylor series 1 + u/2 + u²/6 + u³/24 for |u| < 1e-4 (truncation error
+    below 1e-17) and expm1(u)/u elsewhere; the unused branch is fed a safe value so
+    that no NaN reaches the gradient.
+    """
+    small = jnp.abs(u) < _SERIES_BELOW
+    u_safe = jnp.where(small, 1.0, u)
+    series = 1.0 + u * (0.5 + u * (1.0 / 6.0 + u / 24.0))
+    return jnp.where(small, series, jnp.expm1(u_safe) / u_safe)
+
+
+def power_integral(a, log_t1, log_t2):
+    """∫_{t1}^{t2} t**a dt for t1, t2 > 0, given log t1 and log t2.
+
+    Written as ``t1**(a+1) * log(t2/t1) * exprel((a+1) * log(t2/t1))``, which equals
+    (t2**(a+1) - t1**(a+1)) / (a+1) and goes smoothly to t1 * log(t2/t1) ... at
+    a = -1 (the log form) without a 0/0; derivatives in ``a`` stay finite there.
+
+    Parameters
+    ----------
+    a : scalar
+        Exponent (alpha or beta).
+    log_t1, log_t2 : arrays, broadcastable
+        Natural logarithms of the integration limits (t in s).
+
+    Returns
+    -------
+    Array of the broadcast shape, in s**(a+1).
+    """
+    delta = log_t2 - log_t1
+    return jnp.exp((a + 1.0) * log_t1) * delta * exprel((a + 1.0) * delta)
+
+
+def diffusion_integral(D0, alpha, D_offset, t1, t2, log_t1, log_t2):
+    """∫_{t1}^{t2} J(t) dt with J(t) = D0 t**alpha + D_offset, in Å².
+
+    No absolute value is taken: J < 0 is unphysical and must show in the cost.
+    """
+    return D0 * power_integral(alpha, log_t1, log_t2) + D_offset * (t2 - t1)
+
+
+def shear_integral(gamma_dot_t0, beta, gamma_dot_t_offset, t1, t2, log_t1, log_t2):
+    """Γ(t1, t2) = ∫_{t1}^{t2} gamma_dot(t) dt (dimensionless strain)."""
+    return gamma_dot_t0 * power_integral(beta, log_t1, log_t2) + gamma_dot_t_offset * (
+        t2 - t1
+    )
+
+
+def g1_squared(theta, mode, q, L, phi, t1, t2):
+    """g1(phi, t1, t2)**2 for every angle and every (t1, t2) pair of a grid.
+
+    Parameters
+    ----------
+    theta : array (p,)
+        Physics parameters in the order of ``_parameters.MODES[mode]``.
+    mode : {"static", "laminar_flow"}
+        Static (Python) argument.
+    q : scalar
+        Scattering vector magnitude, 1/Å.
+    L : scalar
+        Gap (sample thickness along the beam), Å. Unused in static mode.
+    phi : array (n_phi,)
+        Azimuthal angles, degrees from the flow direction convention of DESIGN.md §2.
+    t1 : array (n1,)
+        Times of the rows, s, all > 0.
+    t2 : array (n2,)
+        Times of the columns, s, all > 0.
+
+    Returns
+    -------
+    array (n_phi, n1, n2) for laminar_flow, (1, n1, n2) for static (broadcasts
+    over phi).
+    """
+    t1c = t1[:, None]
+    t2r = t2[None, :]
+    lt1 = jnp.log(t1c)
+    lt2 = jnp.log(t2r)
+    D0, alpha, D_offset = theta[0], theta[1], theta[2]
+    diff = jnp.exp(-(q * q) * diffusion_integral(D0, alpha, D_offset, t1c, t2r, lt1, lt2))
+    if mode == "static":
+        return diff[None, :, :]
+    gamma_dot_t0, beta, gamma_dot_t_offset, phi0 = theta[3], theta[4], theta[5], theta[6]
+    strain = shear_integral(gamma_dot_t0, beta, gamma_dot_t_offset, t1c, t2r, lt1, lt2)
+    cosine = jnp.cos(jnp.deg2rad(phi0 - phi))[:, None, None]
+    x = 0.5 * q * L * cosine * strain[None, :, :]
+    # jnp.sinc is the normalised sinc sin(pi y)/(pi y), smooth (with derivatives) at 0.
+    shear = jnp.sinc(x / jnp.pi)
+    return diff[None, :, :] * shear * shear
+
+
+def c2_model(theta, contrast, offset, mode, q, L, phi, t1, t2):
+    """Model c2(phi, t1, t2) = offset + contrast * g1**2, DESIGN.md §2.
+
+    Parameters
+    ----------
+    theta : array (p,)
+        Physics parameters (see :func:`g1_squared`).
+    contrast, offset : arrays (n_phi,)
+        Per-angle contrast and offset of this q.
+    mode, q, L, phi, t1, t2
+        As in :func:`g1_squared`.
+
+    Returns
+    -------
+    array (n_phi, n1, n2), float64.
+    """
+    g2 = g1_squared(theta, mode, q, L, phi, t1, t2)
+    return offset[:, None, None] + contrast[:, None, None] * g2
+
+
+def transport_coefficient(theta, t):
+    """J(t) = D0 t**alpha + D_offset in Å²/s, for t (s) > 0."""
+    return theta[0] * t ** theta[1] + theta[2]
+
+
+def shear_rate(theta, t):
+    """gamma_dot(t) = gamma_dot_t0 t**beta + gamma_dot_t_offset in 1/s (laminar_flow)."""
+    return theta[3] * t ** theta[4] + theta[5]
+
+
+def g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2):
+    """G = g1**2 and its Jacobian ∂G/∂θ on a (t1, t2) grid, by the chain rule.
+
+    G = E(t1, t2) · S(phi, t1, t2) with E = exp(-q² ∫J dt) and S = sinc²(x),
+    x = q L cos(phi0 - phi) Γ / 2. The time integrals and their derivatives (forward
+    mode, 3 tangents each) are formed once on the (n1, n2) grid; only the final
+    products run over every angle. This is several times cheaper than forward mode
+    through the whole (n_phi, n1, n2) model with p tangents, and exact (tests compare
+    it with ``jax.jacfwd`` of :func:`g1_squared`).
+
+    Parameters
+    ----------
+    As for :func:`g1_squared`.
+
+    Returns
+    -------
+    G : array (n_phi, n1, n2) (static: (1, n1, n2))
+    dG : array (n_phi, n1, n2, p) (static: (1, n1, n2, 3))
+    """
+    t1c = t1[:, None]
+    t2r = t2[None, :]
+    lt1 = jnp.log(t1c)
+    lt2 = jnp.log(t2r)
+
+    def diffusion(params):
+        return diffusion_integral(params[0], params[1], params[2], t1c, t2r, lt1, lt2)
+
+    q2 = q * q
+    integral, d_integral = _value_and_jacfwd(diffusion, theta[:3])
+    E = jnp.exp(-q2 * integral)
+    dE = -q2 * E[..., None] * d_integral  # (n1, n2, 3)
+    if mode == "static":
+        return E[None], dE[None]
+
+    def strain(params):
+        return shear_integral(params[0], params[1], params[2], t1c, t2r, lt1, lt2)
+
+    gamma, d_gamma = _value_and_jacfwd(strain, theta[3:6])
+    phi0 = theta[6]
+    angle = jnp.deg2rad(phi0 - phi)
+    half_qL = 0.5 * q * L
+    cos_a = jnp.cos(angle)[:, None, None]
+    sin_a = jnp.sin(angle)[:, None, None]
+    x = half_qL * cos_a * gamma[None]
+    sinc, d_sinc = jax.jvp(lambda v: jnp.sinc(v / jnp.pi), (x,), (jnp.ones_like(x),))
+    S = sinc * sinc
+    dS_dx = 2.0 * sinc * d_sinc
+    G = E[None] * S
+    dx_shear = half_qL * cos_a[..., None] * d_gamma[None]  # (n_phi, n1, n2, 3)
+    dx_phi0 = -half_qL * sin_a * gamma[None] * (jnp.pi / 180.0)  # (n_phi, n1, n2)
+    common = (E[None] * dS_dx)[..., None]
+    dG = jnp.concatenate(
+        [
+            S[..., None] * dE[None],
+            common * dx_shear,
+            common * dx_phi0[..., None],
+        ],
+        axis=-1,
+    )
+    return G, dG
+
+
+def _value_and_jacfwd(f, params):
+    """f(params) and its forward-mode Jacobian, shape f(params).shape + params.shape."""
+    basis = jnp.eye(params.shape[0], dtype=params.dtype)
+    value, tangents = jax.vmap(lambda v: jax.jvp(f, (params,), (v,)), out_axes=(None, -1))(basis)
+    return value, tangents

@@ -1,0 +1,84 @@
+"""Writing a fit's directory: fit.json, fitted.zarr, PNGs — all or nothing.
+
+Everything is written into a hidden sibling ``.DIR.partial-XXXX`` and renamed to DIR
+when complete; an earlier DIR is replaced only then, so a failed fit never leaves a
+half-written result nor destroys the previous one.
+
+fitted.zarr (Zarr v3, readable with ``xarray.open_zarr``): ``c2_fit`` and ``residual``
+with dims (q, phi, t1, t2), chunks (1, n_phi, tile, tile) — the fit's tiles, each
+written whole by the worker that holds it; tiles wholly below the diagonal are not
+written (NaN fill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ._kernel import ParameterLayout, Tile, tile_model
+
+
+@contextlib.contextmanager
+def atomic_directory(final: Path):
+    """Yield a temporary directory that replaces ``final`` only if the block succeeds."""
+    final = Path(final).resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{tmp.name.rsplit('-', 1)[-1]}"
+        final.rename(old)
+    tmp.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def create_fitted_store(path: Path, q, phi, t, tile: int) -> None:
+    """Create fitted.zarr metadata (arrays c2_fit and residual, coordinates)."""
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    n_t = len(t)
+    shape = (len(q), len(phi), n_t, n_t)
+    for name in ("c2_fit", "residual"):
+        root.create_array(name, shape=shape, chunks=(1, len(phi), tile, tile), dtype="float32",
+                          fill_value=np.nan, dimension_names=("q", "phi", "t1", "t2"))
+    for name, values, unit in (("q", q, "1/Å"), ("phi", phi, "deg"), ("t1", t, "s"), ("t2", t, "s")):
+        arr = root.create_array(name, shape=(len(values),), dtype="float64",
+                                dimension_names=(name,))
+        arr[:] = np.asarray(values, float)
+        arr.attrs["units"] = unit
+
+
+def write_fitted_tile(tile: Tile, x, layout: ParameterLayout, mode: str, L: float, path: str | None):
+    """Worker task: write this tile's model and residual chunks; return per-bin sums.
+
+    With ``path`` None nothing is written (only the residual sums are wanted).
+
+    Returns
+    -------
+    (bin_start, sum of r² per phi (n_phi,), points per phi (n_phi,))
+    """
+    model = tile_model(tile, x, layout, mode, L)
+    iq, bi, bj = tile.index
+    size = tile.weight.shape[0]
+    n1, n2 = tile.extent
+    w = tile.weight[:n1, :n2] > 0
+    fit = np.where(w, model[:, :n1, :n2], np.nan).astype(np.float32)
+    resid = np.where(w, tile.c2[:, :n1, :n2] - model[:, :n1, :n2], np.nan).astype(np.float32)
+    region = (slice(iq, iq + 1), slice(None), slice(bi * size, bi * size + n1),
+              slice(bj * size, bj * size + n2))
+    if path is not None:
+        root = zarr.open_group(path, mode="r+")
+        root["c2_fit"][region] = fit[None]
+        root["residual"][region] = resid[None]
+    r = np.nan_to_num(resid.astype(float))
+    return tile.bin_start, (r * r).sum(axis=(1, 2)), np.full(r.shape[0], float(w.sum()))

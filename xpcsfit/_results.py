@@ -1,0 +1,216 @@
+"""The result of a fit: parameters, uncertainties, derived J(t) and gamma_dot(t).
+
+Covariance (DESIGN.md §5): C = (JᵀJ)⁻¹ · χ²/(n − P) at the optimum, with χ² = Σ r²
+(the noise level is unknown, so it is estimated from the residuals). Bands of derived
+quantities use the delta method: var f = ∇fᵀ C ∇f.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ._parameters import UNITS
+
+CORRELATION_LIMIT = 0.99
+
+
+@dataclass
+class FitResult:
+    """Outcome of :func:`xpcsfit.fit`; ``to_dict()`` is the content of fit.json (DESIGN.md §6).
+
+    Attributes
+    ----------
+    mode : str
+    names : list of str
+        Physics parameter names, in order.
+    values, stderr : ndarray (p,)
+        Physics parameters and their standard errors (units in :data:`UNITS`).
+    q : ndarray (n_q,), phi : ndarray (n_phi,)
+        1/Å and degrees.
+    contrast, offset, contrast_stderr, offset_stderr, residual_rms : ndarray (n_q, n_phi)
+    covariance : ndarray (P, P)
+        Over all parameters: physics, then contrast and offset per bin.
+    covariance_names : list of str
+    chi2, reduced_chi2 : float
+    dof, n_points : int
+    converged : bool
+    termination : str
+    iterations, data_passes : int
+    wall_time_s : float
+    transport : dict
+        ``t`` (s) over the fitted window and J(t) (Å²/s), gamma_dot(t) (1/s) with their
+        1-sigma standard errors.
+    warnings : list of str
+    input, provenance : dict
+    """
+
+    mode: str
+    names: list[str]
+    values: np.ndarray
+    stderr: np.ndarray
+    q: np.ndarray
+    phi: np.ndarray
+    contrast: np.ndarray
+    offset: np.ndarray
+    contrast_stderr: np.ndarray
+    offset_stderr: np.ndarray
+    residual_rms: np.ndarray
+    covariance: np.ndarray
+    covariance_names: list[str]
+    chi2: float
+    reduced_chi2: float
+    dof: int
+    n_points: int
+    converged: bool
+    termination: str
+    iterations: int
+    data_passes: int
+    wall_time_s: float
+    transport: dict
+    warnings: list[str] = field(default_factory=list)
+    input: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
+    x: np.ndarray | None = None
+
+    @property
+    def parameters(self) -> dict[str, float]:
+        """Physics parameter values by name."""
+        return dict(zip(self.names, map(float, self.values)))
+
+    def J(self, t) -> np.ndarray:
+        """Transport coefficient J(t) = D0 t**alpha + D_offset (Å²/s) at times t (s)."""
+        p = self.parameters
+        return p["D0"] * np.asarray(t, float) ** p["alpha"] + p["D_offset"]
+
+    def gamma_dot(self, t) -> np.ndarray:
+        """Shear rate gamma_dot(t) (1/s) at times t (s); zeros in static mode."""
+        p = self.parameters
+        if self.mode == "static":
+            return np.zeros_like(np.asarray(t, float))
+        return p["gamma_dot_t0"] * np.asarray(t, float) ** p["beta"] + p["gamma_dot_t_offset"]
+
+    def to_dict(self) -> dict:
+        def lst(a):
+            return np.asarray(a, float).tolist()
+
+        return {
+            "xpcsfit_version": self.provenance.get("versions", {}).get("xpcsfit", ""),
+            "mode": self.mode,
+            "input": self.input,
+            "parameters": {
+                n: {"value": float(v), "stderr": float(s), "unit": UNITS[n]}
+                for n, v, s in zip(self.names, self.values, self.stderr)
+            },
+            "per_angle": {
+                "q": lst(self.q),
+                "phi": lst(self.phi),
+                "contrast": lst(self.contrast),
+                "contrast_stderr": lst(self.contrast_stderr),
+                "offset": lst(self.offset),
+                "offset_stderr": lst(self.offset_stderr),
+                "residual_rms": lst(self.residual_rms),
+            },
+            "covariance": {"names": self.covariance_names, "matrix": lst(self.covariance)},
+            "chi2": self.chi2,
+            "reduced_chi2": self.reduced_chi2,
+            "dof": self.dof,
+            "converged": self.converged,
+            "termination": self.termination,
+            "iterations": self.iterations,
+            "data_passes": self.data_passes,
+            "wall_time_s": self.wall_time_s,
+            "transport": {k: lst(v) for k, v in self.transport.items()},
+            "warnings": self.warnings,
+            "provenance": self.provenance,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, allow_nan=True)
+
+
+def covariance_from_normal_equations(jtj: np.ndarray, chi2: float, dof: int) -> tuple[np.ndarray, list[str]]:
+    """(JᵀJ)⁻¹ · χ²/dof, and warnings if JᵀJ is singular (pseudo-inverse used then).
+
+    Parameters
+    ----------
+    jtj : ndarray (P, P)
+    chi2 : float
+        Σ r² at the optimum.
+    dof : int
+        n − P (> 0).
+    """
+    warnings = []
+    d = np.sqrt(np.diag(jtj))
+    d = np.where(d > 0, d, 1.0)
+    scaled = jtj / np.outer(d, d)
+    cond = np.linalg.cond(scaled)
+    if not np.isfinite(cond) or cond > 1e14:
+        warnings.append(
+            f"JᵀJ is (nearly) singular (condition {cond:.1e} after scaling): some parameter "
+            "combination is not determined by the data; its standard errors are not meaningful"
+        )
+        inv = np.linalg.pinv(scaled)
+    else:
+        inv = np.linalg.inv(scaled)
+    return inv / np.outer(d, d) * (chi2 / dof), warnings
+
+
+def correlation_warnings(names, covariance, limit=CORRELATION_LIMIT) -> list[str]:
+    """One warning per physics parameter pair with |correlation| > ``limit``."""
+    sd = np.sqrt(np.abs(np.diag(covariance)))
+    out = []
+    for i in range(len(names)):
+        for j in range(i + 1, len(names)):
+            if sd[i] == 0 or sd[j] == 0:
+                continue
+            r = covariance[i, j] / (sd[i] * sd[j])
+            if abs(r) > limit:
+                out.append(
+                    f"{names[i]} and {names[j]} are not separately determined "
+                    f"(correlation {r:+.4f}); rely on J(t) and gamma_dot(t) instead"
+                )
+    return out
+
+
+def transport_bands(mode: str, names, values, covariance, t) -> dict:
+    """J(t) and gamma_dot(t) with 1-sigma standard errors (delta method).
+
+    Parameters
+    ----------
+    mode : str
+    names : sequence of str
+        Physics parameter names (the first rows/columns of ``covariance``).
+    values : ndarray (p,)
+    covariance : ndarray (≥p, ≥p)
+    t : ndarray (n,)
+        Times, s (> 0).
+
+    Returns
+    -------
+    dict of arrays (n,): t, J, J_stderr, and in laminar_flow gamma_dot, gamma_dot_stderr.
+    """
+    t = np.asarray(t, float)
+    v = dict(zip(names, values))
+    p = len(names)
+    cov = covariance[:p, :p]
+    idx = {n: i for i, n in enumerate(names)}
+
+    def band(a0, a, b, name0, name_exp, name_off):
+        f = a0 * t**a + b
+        grad = np.zeros((t.size, p))
+        grad[:, idx[name0]] = t**a
+        grad[:, idx[name_exp]] = a0 * t**a * np.log(t)
+        grad[:, idx[name_off]] = 1.0
+        var = np.einsum("ni,ij,nj->n", grad, cov, grad)
+        return f, np.sqrt(np.maximum(var, 0.0))
+
+    J, J_se = band(v["D0"], v["alpha"], v["D_offset"], "D0", "alpha", "D_offset")
+    out = {"t": t, "J": J, "J_stderr": J_se}
+    if mode == "laminar_flow":
+        g, g_se = band(v["gamma_dot_t0"], v["beta"], v["gamma_dot_t_offset"],
+                       "gamma_dot_t0", "beta", "gamma_dot_t_offset")
+        out.update(gamma_dot=g, gamma_dot_stderr=g_se)
+    return out
