@@ -7,7 +7,7 @@ Example ``fit.yaml``::
     tile: 128               # frames per time tile
     initial: {D0: 15000, phi0: 5}
     bounds: {D0: [100, 1.0e6], phi0: [-20, 20]}
-    solver: {max_iterations: 200, ftol: 1.0e-10}
+    solver: {max_iterations: 200, ftol: 1.0e-8}
 
 Keyword arguments of :func:`xpcsfit.fit` (and CLI options) override the file.
 """
@@ -30,7 +30,7 @@ class SolverOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     max_iterations: int = Field(200, gt=0)
-    ftol: float = Field(1e-10, gt=0, lt=1)
+    ftol: float = Field(1e-8, gt=0, lt=1)
     xtol: float = Field(1e-10, gt=0, lt=1)
     gtol: float = Field(1e-8, gt=0, lt=1)
 

@@ -159,19 +159,37 @@ def covariance_from_normal_equations(jtj: np.ndarray, chi2: float, dof: int) -> 
 
 
 def correlation_warnings(names, covariance, limit=CORRELATION_LIMIT) -> list[str]:
-    """One warning per physics parameter pair with |correlation| > ``limit``."""
-    sd = np.sqrt(np.abs(np.diag(covariance)))
-    out = []
+    """One warning per group of physics parameters linked by |correlation| > ``limit``.
+
+    Pairs are joined into groups (connected components), so a three-way degeneracy
+    such as D0 / alpha / D_offset at alpha ≈ 0 gives one warning, not three.
+    """
+    sd = np.sqrt(np.abs(np.diag(covariance)))[: len(names)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = covariance[: len(names), : len(names)] / np.outer(sd, sd)
+    linked = np.abs(np.nan_to_num(corr)) > limit
+    group = list(range(len(names)))
+
+    def root(i):
+        while group[i] != i:
+            i = group[i]
+        return i
+
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
-            if sd[i] == 0 or sd[j] == 0:
-                continue
-            r = covariance[i, j] / (sd[i] * sd[j])
-            if abs(r) > limit:
-                out.append(
-                    f"{names[i]} and {names[j]} are not separately determined "
-                    f"(correlation {r:+.4f}); rely on J(t) and gamma_dot(t) instead"
-                )
+            if linked[i, j]:
+                group[root(j)] = root(i)
+    out = []
+    for r in sorted({root(i) for i in range(len(names))}):
+        members = [i for i in range(len(names)) if root(i) == r]
+        if len(members) < 2:
+            continue
+        worst = max(abs(corr[i, j]) for i in members for j in members if i < j and linked[i, j])
+        out.append(
+            f"{', '.join(names[i] for i in members)} are not separately determined "
+            f"(|correlation| up to {worst:.4f}); only their combination is: see J(t) and "
+            "gamma_dot(t) with their bands"
+        )
     return out
 
 

@@ -172,7 +172,7 @@ class TrustRegionLM:
         If x0 lies outside the bounds or the bounds are inverted.
     """
 
-    def __init__(self, lower, upper, *, ftol=1e-10, xtol=1e-10, gtol=1e-8,
+    def __init__(self, lower, upper, *, ftol=1e-8, xtol=1e-10, gtol=1e-8,
                  max_iterations=200, trial_factors=(1.0, 8.0, 64.0, 512.0),
                  accept_ratio=1e-4, initial_damping=1e-3, max_damping=1e16,
                  callback: Callable[[IterationReport], None] | None = None):
@@ -224,6 +224,11 @@ class TrustRegionLM:
             if ok.any():
                 k = int(np.flatnonzero(ok)[np.argmin(costs[ok])])
                 break
+            if np.max(preds) <= 16 * np.finfo(float).eps * ne.cost:
+                # Even the largest predicted gain is below rounding of the cost: this is
+                # a stationary point to machine precision.
+                return replace(state, cost_passes=cost_passes, done=True, converged=True,
+                               termination="no reduction possible within floating-point precision")
             damping *= self.trial_factors[-1] * 8.0
             if damping > self.max_damping:
                 return replace(

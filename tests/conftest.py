@@ -1,0 +1,36 @@
+"""Shared fixtures: the APS data beside the checkout, a LocalCluster, small simulations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "flow_small.hdf").exists():
+        pytest.skip(f"shared APS data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def client():
+    """A 2-worker LocalCluster on 127.0.0.1, shared by the tests of the session."""
+    from distributed import Client
+
+    from xpcsfit._cluster import local_cluster
+
+    with local_cluster(2) as cluster, Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def small_flow_file(tmp_path_factory) -> Path:
+    """A simulated laminar_flow APS-U file: 1 q × 4 phi × 160 frames, noise 0.01."""
+    from xpcsfit._simulate import simulate
+
+    path = tmp_path_factory.mktemp("sim") / "small_flow.hdf"
+    return simulate(path, q=(0.0055,), n_phi=4, n_frames=160, noise=0.01, seed=3)

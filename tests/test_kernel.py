@@ -1,0 +1,44 @@
+"""Block-arrow normal equations equal the dense ones (DESIGN.md §5)."""
+
+import numpy as np
+import pytest
+
+from helpers import dense_jacobian, dense_residual, in_process, start, synthetic_dataset
+
+
+@pytest.mark.parametrize("mode", ["static", "laminar_flow"])
+def test_block_normal_equations_equal_dense_jacobian(mode):
+    # 2 q × 3 phi × 70 frames in 32-frame tiles: edge tiles padded, lower tiles skipped.
+    ds = synthetic_dataset(mode)
+    ev, layout = in_process(ds, mode, tile=32)
+    x = start(layout, mode)
+    residual = dense_residual(ds, mode, layout)
+    J = dense_jacobian(residual, x)
+    r = np.asarray(residual(x))
+    ne = ev.normal_equations(x)
+    jtj, jtr = J.T @ J, J.T @ r
+    # Relative to each entry's own scale sqrt(JᵀJ_ii JᵀJ_jj): the columns differ by 1e12.
+    d = np.sqrt(np.diag(jtj))
+    np.testing.assert_allclose(ne.jtj / np.outer(d, d), jtj / np.outer(d, d), rtol=0, atol=1e-10)
+    np.testing.assert_allclose(ne.jtr / d, jtr / d, rtol=0, atol=1e-10 * np.max(np.abs(jtr / d)))
+    assert ne.cost == pytest.approx(0.5 * r @ r, rel=1e-12)
+    assert ne.n == r.size
+
+
+@pytest.mark.parametrize("mode", ["static", "laminar_flow"])
+def test_cost_pass_matches_normal_equation_cost(mode):
+    ds = synthetic_dataset(mode)
+    ev, layout = in_process(ds, mode, tile=32)
+    x0 = start(layout, mode)
+    xs = np.stack([x0 * (1 + 0.01 * k) for k in range(6)])  # more than one cost batch
+    costs = ev.costs(xs)
+    expected = [ev.normal_equations(x).cost for x in xs]
+    np.testing.assert_allclose(costs, expected, rtol=1e-12)
+
+
+def test_tiles_below_diagonal_are_skipped_and_points_counted():
+    ds = synthetic_dataset("static", n_t=70)
+    ev, layout = in_process(ds, "static", tile=32)
+    # 3 × 3 tile grid per q: 6 tiles on or above the diagonal, 2 q.
+    assert len(ev.tiles) == 12
+    assert sum(t.n_points for t in ev.tiles) == 2 * 3 * 70 * 69 // 2
