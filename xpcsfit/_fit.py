@@ -80,13 +80,13 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     started = time.perf_counter()
     cfg = load_config(config, mode=mode, gap=gap, tile=tile)
     names = physics_names(cfg.mode)
+    ds = open_dataset(input, q=q, q_index=q_index, phi=phi, frames=frames, dt=dt, tile=cfg.tile)
     L = cfg.gap
     if L is None:
         L = DEFAULT_GAP
         if cfg.mode == "laminar_flow":
             warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
                           "(the result files do not record it)", GapWarning, stacklevel=2)
-    ds = open_dataset(input, q=q, q_index=q_index, phi=phi, frames=frames, dt=dt, tile=cfg.tile)
     plan = plan_tiles(ds, cfg.tile)
     layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
     _say(progress, f"xpcsfit: {cfg.mode} fit of {ds.attrs['source']}: {ds.sizes['q']} q × "

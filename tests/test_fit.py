@@ -1,0 +1,130 @@
+"""End-to-end fits on a LocalCluster: accuracy on the APS files, determinism, API."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+import xpcsfit
+
+pytestmark = pytest.mark.slow
+
+TIMES = np.array([5.0, 10.0, 25.0])
+
+
+def truth(shared_data, name):
+    return json.loads((shared_data / f"{name}.truth.json").read_text())["truth"]
+
+
+def phi0_error(phi0, true):
+    # phi0 is defined modulo 180°.
+    return abs((phi0 - true + 90.0) % 180.0 - 90.0)
+
+
+def fit_quiet(*args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", xpcsfit.GapWarning)
+        return xpcsfit.fit(*args, progress=False, **kwargs)
+
+
+def test_flow_small_highest_q(shared_data, client):
+    tr = truth(shared_data, "flow_small")
+    r = fit_quiet(shared_data / "flow_small.hdf", q_index=8, mode="laminar_flow", client=client)
+    assert r.converged, r.termination
+    assert len(r.names) == 7  # all physics parameters free
+    np.testing.assert_array_less(np.abs(r.J(TIMES) / tr["D0"] - 1), 0.10)
+    np.testing.assert_array_less(np.abs(r.gamma_dot(TIMES) / tr["gamma_dot_t0"] - 1), 0.10)
+    assert phi0_error(r.parameters["phi0"], tr["phi0"]) < 3.0
+    # The degenerate pairs are said plainly.
+    assert any("D0" in w and "D_offset" in w for w in r.warnings)
+
+
+def test_flow_small_all_q_jointly(shared_data, client):
+    tr = truth(shared_data, "flow_small")
+    r = fit_quiet(shared_data / "flow_small.hdf", mode="laminar_flow", client=client)
+    assert r.q.size == 3
+    assert r.converged, r.termination
+    np.testing.assert_array_less(np.abs(r.J(TIMES) / tr["D0"] - 1), 0.15)
+    np.testing.assert_array_less(np.abs(r.gamma_dot(TIMES) / tr["gamma_dot_t0"] - 1), 0.10)
+    assert phi0_error(r.parameters["phi0"], tr["phi0"]) < 4.0
+
+
+def test_static_small(shared_data, client):
+    tr = truth(shared_data, "static_small")
+    r = fit_quiet(shared_data / "static_small.hdf", q_index=8, mode="static", client=client)
+    assert r.converged, r.termination
+    np.testing.assert_array_less(np.abs(r.J(TIMES) / tr["D0"] - 1), 0.10)
+
+
+def test_one_and_two_workers_give_the_same_parameters(small_flow_file):
+    from distributed import Client
+
+    from xpcsfit._cluster import local_cluster
+
+    values = []
+    for n in (1, 2):
+        with local_cluster(n) as cluster, Client(cluster) as c:
+            values.append(fit_quiet(small_flow_file, client=c, tile=48).x)
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-8, atol=0)
+
+
+def test_fit_writes_complete_result_directory(small_flow_file, client, tmp_path):
+    import xarray as xr
+
+    out = tmp_path / "result"
+    r = fit_quiet(small_flow_file, client=client, out=out, gap=2.0e6)
+    doc = json.loads((out / "fit.json").read_text())
+    for key in ("parameters", "per_angle", "covariance", "chi2", "reduced_chi2", "dof", "converged",
+                "termination", "iterations", "data_passes", "wall_time_s", "provenance", "input",
+                "transport", "warnings"):
+        assert key in doc
+    assert set(doc["parameters"]) == set(r.names)
+    assert doc["parameters"]["D0"]["unit"] == "Å²/s^(1+alpha)"
+    assert doc["input"]["sha256"] and doc["input"]["frames"] == [1, 159]
+    assert len(doc["covariance"]["matrix"]) == 7 + 2 * 4
+    assert np.all(np.isfinite(doc["per_angle"]["residual_rms"]))
+    # The simulation's noise sd is 0.01: the residual rms per bin must find it.
+    np.testing.assert_allclose(doc["per_angle"]["residual_rms"], 0.01, rtol=0.05)
+    fitted = xr.open_zarr(out / "fitted.zarr")
+    assert fitted["c2_fit"].dims == ("q", "phi", "t1", "t2")
+    resid = fitted["residual"].values
+    assert np.nanstd(resid) == pytest.approx(0.01, rel=0.05)
+    assert np.isnan(resid[0, 0, 5, 2])  # below the diagonal: not fitted
+    assert len(list(out.glob("c2_q0_phi*.png"))) == 4 and (out / "transport.png").exists()
+    assert not list(tmp_path.glob(".result.partial-*"))
+
+
+def test_failed_fit_leaves_earlier_result_untouched(small_flow_file, client, tmp_path):
+    out = tmp_path / "result"
+    fit_quiet(small_flow_file, client=client, out=out)
+    before = (out / "fit.json").read_bytes()
+    with pytest.raises(xpcsfit.ConfigError):
+        fit_quiet(small_flow_file, client=client, out=out, phi=[])
+    with pytest.raises(xpcsfit.ConfigError):
+        fit_quiet(small_flow_file, client=client, out=out, config={"bounds": {"D0": [5.0, 1.0]}})
+    assert (out / "fit.json").read_bytes() == before
+
+
+def test_fit_runs_as_a_task_with_client_submit(small_flow_file, client):
+    future = client.submit(xpcsfit.fit, str(small_flow_file), mode="laminar_flow", gap=2.0e6,
+                           progress=False, pure=False)
+    r = future.result()
+    assert r.converged
+    assert r.J(10.0) == pytest.approx(2.0e4, rel=0.05)
+
+
+def test_gap_default_warns(small_flow_file, client):
+    with pytest.warns(xpcsfit.GapWarning):
+        xpcsfit.fit(small_flow_file, client=client, progress=False, frames=(1, 60))
+
+
+def test_nan_in_c2_is_an_input_error(tmp_path, client):
+    from xpcsfit._aps_writer import write_aps_u
+
+    c2 = np.ones((40, 40)) * 1.1
+    c2[3, 20] = np.nan
+    path = write_aps_u(tmp_path / "nan.hdf", q_grid=[0.005], phi_grid=[10.0],
+                       maps={(0, 0): c2}, frame_time=0.1)
+    with pytest.raises(xpcsfit.InputError, match="nan.hdf"):
+        fit_quiet(path, client=client)
