@@ -132,7 +132,11 @@ class FitResult:
 
 
 def covariance_from_normal_equations(jtj: np.ndarray, chi2: float, dof: int) -> tuple[np.ndarray, list[str]]:
-    """(JᵀJ)⁻¹ · χ²/dof, and warnings if JᵀJ is singular (pseudo-inverse used then).
+    """(JᵀJ)⁻¹ · χ²/dof, and a warning if JᵀJ is (nearly) singular.
+
+    The inverse is taken in the eigenbasis of the scaled JᵀJ with eigenvalues floored
+    at 1e-15 of the largest: a direction the data do not determine gets a huge, honest
+    variance — never the zero a pseudo-inverse would report for it.
 
     Parameters
     ----------
@@ -145,17 +149,15 @@ def covariance_from_normal_equations(jtj: np.ndarray, chi2: float, dof: int) -> 
     warnings = []
     d = np.sqrt(np.diag(jtj))
     d = np.where(d > 0, d, 1.0)
-    scaled = jtj / np.outer(d, d)
-    cond = np.linalg.cond(scaled)
-    if not np.isfinite(cond) or cond > 1e14:
+    eigenvalues, vectors = np.linalg.eigh(jtj / np.outer(d, d))
+    floor = 1e-15 * eigenvalues.max()
+    if eigenvalues.min() < 1e3 * floor:
         warnings.append(
-            f"JᵀJ is (nearly) singular (condition {cond:.1e} after scaling): some parameter "
-            "combination is not determined by the data; its standard errors are not meaningful"
+            f"JᵀJ is (nearly) singular (condition {eigenvalues.max() / max(eigenvalues.min(), floor):.1e} "
+            "after scaling): some parameter combination is not determined by the data"
         )
-        inv = np.linalg.pinv(scaled)
-    else:
-        inv = np.linalg.inv(scaled)
-    return inv / np.outer(d, d) * (chi2 / dof), warnings
+    inverse = (vectors / np.maximum(eigenvalues, floor)) @ vectors.T
+    return inverse / np.outer(d, d) * (chi2 / dof), warnings
 
 
 def correlation_warnings(names, covariance, limit=CORRELATION_LIMIT) -> list[str]:
