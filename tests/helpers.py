@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dask
 import dask.array as da
 import jax
 import jax.numpy as jnp
@@ -46,8 +45,7 @@ def synthetic_dataset(mode, q=(0.004, 0.0055), phi=(10.0, 60.0, 120.0), n_t=70, 
 
 def in_process(ds, mode, tile=32):
     """Tiles of ``ds`` and an InProcessEvaluator over them."""
-    plan = plan_tiles(ds, tile)
-    tiles = dask.compute(*plan.loads, scheduler="sync")
+    tiles = [spec.load() for spec in plan_tiles(ds, tile)]
     layout = ParameterLayout(MODES[mode], ds.sizes["q"], ds.sizes["phi"])
     return InProcessEvaluator(tiles, layout, mode, L), layout
 

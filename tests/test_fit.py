@@ -128,3 +128,33 @@ def test_nan_in_c2_is_an_input_error(tmp_path, client):
                        maps={(0, 0): c2}, frame_time=0.1)
     with pytest.raises(xpcsfit.InputError, match="nan.hdf"):
         fit_quiet(path, client=client)
+
+
+def test_streamed_and_held_fits_agree(small_flow_file, client, tmp_path):
+    store, _ = xpcsfit.ingest(small_flow_file, tmp_path / "s.zarr", tile=64)
+    held = fit_quiet(store, client=client, config={"memory": "hold"})
+    streamed = fit_quiet(store, client=client, config={"memory": "stream"})
+    from_hdf = fit_quiet(small_flow_file, client=client, tile=64)
+    assert held.engine["storage"] == "held" and streamed.engine["storage"] == "streamed"
+    assert held.engine["tile_size"] == 64  # a store's chunk side is the default tile
+    np.testing.assert_allclose(streamed.x, held.x, rtol=1e-10, atol=0)
+    np.testing.assert_allclose(from_hdf.x, held.x, rtol=1e-10, atol=0)
+    # One compiled variant per kernel (block sums, costs, model) and tile shape.
+    for engine in (held.engine, streamed.engine):
+        assert all(n <= 3 for n in engine["compilations"].values()), engine["compilations"]
+
+
+def test_frame_selection_on_a_store_keeps_tiles_on_chunks(small_flow_file, client, tmp_path):
+    import xarray as xr
+
+    store, _ = xpcsfit.ingest(small_flow_file, tmp_path / "s.zarr", tile=64)
+    out = tmp_path / "res"
+    r = fit_quiet(store, client=client, frames=(10, 150), out=out)
+    # Tiles start at frames 10, 64, 128: three rows of tiles, six tiles in all.
+    assert r.engine["n_tiles"] == 6
+    fitted = xr.open_zarr(out / "fitted.zarr")
+    t = fitted["t1"].values
+    assert t[0] == 0.0 and t[-1] == pytest.approx(15.0)  # starts at the aligned frame 0
+    resid = fitted["residual"].values[0, 0]
+    assert np.isnan(resid[:10]).all()  # frames before the selection are not fitted
+    assert np.isfinite(resid[10, 11:151]).all()

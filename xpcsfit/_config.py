@@ -4,7 +4,8 @@ Example ``fit.yaml``::
 
     mode: laminar_flow
     gap: 2.0e6              # Å
-    tile: 128               # frames per time tile
+    tile: 128               # frames per time tile (default: a store's chunk side, else 128)
+    memory: auto            # hold tiles on the workers, stream them each pass, or choose
     initial: {D0: 15000, phi0: 5}
     bounds: {D0: [100, 1.0e6], phi0: [-20, 20]}
     solver: {max_iterations: 200, ftol: 1.0e-8}
@@ -41,7 +42,8 @@ class FitConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     mode: Literal["static", "laminar_flow"] = "laminar_flow"
     gap: float | None = Field(None, gt=0, description="gap L, Å")
-    tile: int = Field(128, ge=8, le=4096)
+    tile: int | None = Field(None, ge=8, le=4096, description="frames per tile; default: a store's chunk, else 128")
+    memory: Literal["auto", "hold", "stream"] = "auto"
     initial: dict[str, float] = {}
     bounds: dict[str, tuple[float, float]] = {}
     solver: SolverOptions = SolverOptions()

@@ -218,6 +218,7 @@ def _open_from_store(path, q, q_index, phi, frames, dt) -> xr.Dataset:
         "sha256": a["sha256"],
         "layout": a["layout"],
         "store": str(path.resolve()),
+        "tile": int(a["tile"]),
     }
     return _build(c2, grid, q_sel, phi_sel, (first, last), dt, attrs)
 
@@ -241,8 +242,9 @@ def _build(c2, grid: _Grid, q_sel, phi_sel, frame_range, dt, attrs) -> xr.Datase
         "layout": attrs["layout"],
         "q_index": [int(i) for i in q_sel],
     }
-    if "store" in attrs:
-        ds.attrs["store"] = attrs["store"]
+    for key in ("store", "tile"):  # a store's path and chunk side
+        if key in attrs:
+            ds.attrs[key] = attrs[key]
     return ds
 
 

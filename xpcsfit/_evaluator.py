@@ -12,6 +12,7 @@ count their data passes; neither knows anything of trust regions.
 
 from __future__ import annotations
 
+import time
 import uuid
 from functools import reduce
 from operator import add
@@ -20,6 +21,7 @@ import numpy as np
 
 from ._kernel import BlockSums, ParameterLayout, Tile, tile_block_sums, tile_costs, tile_lag_sums
 from ._solver import NormalEquations
+from ._tiles import TileSpec
 
 _FAN_IN = 8
 
@@ -87,17 +89,36 @@ class InProcessEvaluator:
         self.tiles = []
 
 
+def kernel_compilations() -> int:
+    """Compiled variants of the tile kernels in this process (one per shape and mode)."""
+    from ._kernel import _tile_block_sums, _tile_costs, _tile_model
+
+    return sum(f._cache_size() for f in (_tile_block_sums, _tile_costs, _tile_model))
+
+
+def _on_tile(func, item, *args):
+    """Worker task: ``func(tile, *args)``, loading the tile first when streaming."""
+    tile = item.load() if isinstance(item, TileSpec) else item
+    return func(tile, *args)
+
+
 class DaskEvaluator:
-    """Evaluate tiles held on dask.distributed workers.
+    """Evaluate tiles on dask.distributed workers, held in memory or streamed.
 
     Parameters
     ----------
     client : distributed.Client
         A client (in a task: the one from ``distributed.worker_client``).
-    loads : list of dask.delayed.Delayed
-        Tile loads in a fixed order (see :func:`xpcsfit._tiles.plan_tiles`).
+    specs : list of TileSpec
+        The tiles, in a fixed order (see :func:`xpcsfit._tiles.plan_tiles`).
     layout, mode, L
         As for :class:`InProcessEvaluator`.
+    storage : {"auto", "hold", "stream"}
+        "hold": load every tile once and keep it on a worker. "stream": keep only the
+        small specs on the workers and read each tile from its source in every pass, so
+        a worker's memory is bounded by a few tiles whatever the data size. "auto":
+        hold when the padded tiles take at most :data:`HOLD_FRACTION` of the workers'
+        summed memory limit, else stream.
 
     Raises
     ------
@@ -105,45 +126,70 @@ class DaskEvaluator:
         Whatever a tile load raised (e.g. InputError for non-finite c2), re-raised here.
     """
 
-    def __init__(self, client, loads, layout: ParameterLayout, mode: str, L: float):
+    HOLD_FRACTION = 0.4
+
+    def __init__(self, client, specs, layout: ParameterLayout, mode: str, L: float,
+                 storage: str = "auto"):
         from distributed import wait
 
         self.client = client
         self.layout, self.mode, self.L = layout, mode, float(L)
         self.normal_passes = 0
         self.cost_passes = 0
-        self.bytes_out = 0
+        self.pass_seconds: list[float] = []
+        self.bytes_to_workers = 0
+        self.bytes_from_workers = 0
         self._token = uuid.uuid4().hex[:8]
-        self.tiles = client.compute(loads)
+        self.tile_bytes = sum(s.nbytes for s in specs)
+        self.storage = self._choose_storage(storage)
+        self.bin_starts = [s.bin_start for s in specs]
+        if self.storage == "held":
+            self.tiles = [client.submit(TileSpec.load, s, key=f"xpcsfit-load-tile-{self._token}-{i}")
+                          for i, s in enumerate(specs)]
+        else:
+            self.tiles = client.scatter(list(specs), hash=False)
         wait(self.tiles)
         for f in self.tiles:
             if f.status == "error":
                 f.result()  # re-raises the load's exception here
-        self.bin_starts = [b0 for b0 in client.gather(
-            [client.submit(lambda t: t.bin_start, f, key=f"xpcsfit-bin-start-{self._token}-{i}")
-             for i, f in enumerate(self.tiles)])]
 
-    def _pass(self, name: str, func, x, reducer=_sum):
+    def _choose_storage(self, storage: str) -> str:
+        if storage == "hold":
+            return "held"
+        if storage == "stream":
+            return "streamed"
+        limits = [w.get("memory_limit") or 0 for w in self.client.scheduler_info()["workers"].values()]
+        if not limits or min(limits) == 0:
+            return "held"  # no memory limit set on the workers
+        return "held" if self.tile_bytes <= self.HOLD_FRACTION * sum(limits) else "streamed"
+
+    @property
+    def n_workers(self) -> int:
+        return max(1, len(self.client.scheduler_info()["workers"]))
+
+    def _pass(self, name: str, func, x):
+        started = time.perf_counter()
         pass_id = self.normal_passes + self.cost_passes
         x = np.asarray(x, float)
-        self.bytes_out += x.nbytes * len(self.client.scheduler_info().get("workers", {}) or [1])
+        self.bytes_to_workers += x.nbytes * self.n_workers
         x_future = self.client.scatter(x, broadcast=True, hash=False)
         prefix = f"xpcsfit-{name}-{self._token}-{pass_id}"
         level = [
-            self.client.submit(func, tile, x_future, self.layout, self.mode, self.L,
+            self.client.submit(_on_tile, func, tile, x_future, self.layout, self.mode, self.L,
                                key=f"{prefix}-tile-{i}")
             for i, tile in enumerate(self.tiles)
         ]
         depth = 0
         while len(level) > 1:
             level = [
-                self.client.submit(reducer, *level[i : i + _FAN_IN],
-                                   key=f"{prefix}-reduce-{depth}-{i}")
+                self.client.submit(_sum, *level[i : i + _FAN_IN], key=f"{prefix}-reduce-{depth}-{i}")
                 for i in range(0, len(level), _FAN_IN)
             ]
             depth += 1
         result = level[0].result()
+        self.bytes_from_workers += _nbytes(result)
         del x_future
+        self.pass_seconds.append(time.perf_counter() - started)
         return result
 
     def block_sums(self, x) -> BlockSums:
@@ -158,17 +204,43 @@ class DaskEvaluator:
         return self._pass("costs", tile_costs, np.atleast_2d(xs))
 
     def lag_sums(self, n_lags: int):
-        futures = [self.client.submit(tile_lag_sums, t, key=f"xpcsfit-lag-sums-{self._token}-{i}")
-                   for i, t in enumerate(self.tiles)]
-        parts = self.client.gather(futures)
+        parts = self.map_tiles(tile_lag_sums)
         return merge_lag_sums(parts, self.layout.n_bins, self.layout.n_phi, n_lags, self.bin_starts)
 
     def map_tiles(self, func, *args):
-        """Run ``func(tile, *args)`` on the workers for every tile; gather results."""
-        futures = [self.client.submit(func, t, *args, key=f"xpcsfit-{func.__name__}-{self._token}-{i}")
+        """Run ``func(tile, *args)`` on the workers for every tile; gather results in order."""
+        futures = [self.client.submit(_on_tile, func, t, *args,
+                                      key=f"xpcsfit-{func.__name__}-{self._token}-{i}")
                    for i, t in enumerate(self.tiles)]
         return self.client.gather(futures)
+
+    def compilations(self) -> dict:
+        """Compiled kernel variants per worker address."""
+        return self.client.run(kernel_compilations)
+
+    def stats(self) -> dict:
+        """What the engine did, for the result's ``engine`` record."""
+        passes = max(1, self.normal_passes + self.cost_passes)
+        return {
+            "n_tiles": len(self.tiles),
+            "storage": self.storage,
+            "tile_bytes_total": int(self.tile_bytes),
+            "normal_passes": self.normal_passes,
+            "cost_passes": self.cost_passes,
+            "pass_seconds": [round(v, 4) for v in self.pass_seconds],
+            "bytes_to_workers_per_pass": self.bytes_to_workers / passes,
+            "bytes_from_workers_per_pass": self.bytes_from_workers / passes,
+            "compilations": self.compilations(),
+        }
 
     def close(self):
         self.client.cancel(self.tiles)
         self.tiles = []
+
+
+def _nbytes(value) -> int:
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, BlockSums):
+        return sum(np.asarray(v).nbytes for v in (value.A, value.B, value.C, value.g_theta, value.g_bin)) + 16
+    return 8

@@ -21,7 +21,9 @@ from ._output import atomic_directory, create_fitted_store, write_fitted_tile
 from ._parameters import DEFAULT_GAP, DEFAULT_INITIAL, physics_names
 from ._results import FitResult, correlation_warnings, covariance_from_normal_equations, transport_bands
 from ._solver import IterationReport, TrustRegionLM
-from ._tiles import plan_tiles
+from ._tiles import count_points, plan_tiles
+
+DEFAULT_TILE = 128
 
 
 class GapWarning(UserWarning):
@@ -80,33 +82,39 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     started = time.perf_counter()
     cfg = load_config(config, mode=mode, gap=gap, tile=tile)
     names = physics_names(cfg.mode)
-    ds = open_dataset(input, q=q, q_index=q_index, phi=phi, frames=frames, dt=dt, tile=cfg.tile)
+    ds = open_dataset(input, q=q, q_index=q_index, phi=phi, frames=frames, dt=dt,
+                      tile=cfg.tile or DEFAULT_TILE)
+    size = cfg.tile or int(ds.attrs.get("tile", DEFAULT_TILE))
     L = cfg.gap
     if L is None:
         L = DEFAULT_GAP
         if cfg.mode == "laminar_flow":
             warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
                           "(the result files do not record it)", GapWarning, stacklevel=2)
-    plan = plan_tiles(ds, cfg.tile)
+    specs = plan_tiles(ds, size)
+    n_points = count_points(ds)
     layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
     _say(progress, f"xpcsfit: {cfg.mode} fit of {ds.attrs['source']}: {ds.sizes['q']} q × "
-                   f"{ds.sizes['phi']} phi × {ds.sizes['t1']} frames = {plan.n_points:,} points "
-                   f"in {len(plan.loads)} tiles")
+                   f"{ds.sizes['phi']} phi × {ds.sizes['t1']} frames = {n_points:,} points "
+                   f"in {len(specs)} tiles of {size} frames")
 
     def announce(c):
         _say(progress, f"xpcsfit: started a LocalCluster, dashboard {c.dashboard_link}")
 
     with dask_client(client, scheduler, on_start=announce) as cl:
-        evaluator = DaskEvaluator(cl, plan.loads, layout, cfg.mode, L)
+        evaluator = DaskEvaluator(cl, specs, layout, cfg.mode, L, storage=cfg.memory)
+        _say(progress, f"xpcsfit: tiles {evaluator.storage} on {evaluator.n_workers} workers "
+                       f"({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
         try:
-            result, x = _solve(evaluator, ds, cfg, layout, L, progress)
-            cluster = f"{cl.scheduler.address} ({len(cl.scheduler_info()['workers'])} workers)"
+            result = _solve(evaluator, ds, cfg, layout, L, progress)
+            cluster = f"{cl.scheduler.address} ({evaluator.n_workers} workers)"
             result.provenance = _provenance(cfg, L, gap is None and cfg.gap is None, cluster)
-            result.input = _input_info(ds, plan.n_points)
+            result.input = _input_info(ds, n_points)
+            result.engine = {"tile_size": size} | evaluator.stats()
             if out is not None:
-                _write(Path(out), result, ds, evaluator, layout, cfg, L, plan.size, started)
+                _write(Path(out), result, ds, evaluator, layout, cfg, L, size, started)
             else:
-                rms = evaluator.map_tiles(write_fitted_tile, x, layout, cfg.mode, L, None)
+                rms = evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, None, 0)
                 result.residual_rms = _residual_rms(rms, layout)
                 result.wall_time_s = time.perf_counter() - started
         finally:
@@ -186,9 +194,9 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
         converged=bool(state.converged), termination=state.termination,
         iterations=state.iteration, data_passes=evaluator.normal_passes + evaluator.cost_passes,
         wall_time_s=float("nan"), transport=transport_bands(cfg.mode, layout.physics, theta, cov, t_grid),
-        warnings=warn, x=state.x.copy(),
+        warnings=warn, x=state.x.copy(), start=x0, lower=lower, upper=upper,
     )
-    return result, state.x
+    return result
 
 
 def _residual_rms(parts, layout) -> np.ndarray:
@@ -207,17 +215,20 @@ def _write(out, result, ds, evaluator, layout, cfg, L, size, started):
     import zarr
 
     t = ds["t1"].values
+    first = int(ds.attrs["frames"][0])
+    lead = first % size  # fitted.zarr starts at an aligned frame: its chunks are the tiles
+    t_out = (np.arange(-lead, t.size) + first) * float(ds.attrs["dt"])
     with atomic_directory(out) as tmp:
         store = tmp / "fitted.zarr"
-        create_fitted_store(store, ds["q"].values, ds["phi"].values, t, size)
-        parts = evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, str(store))
+        create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
+        parts = evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, str(store), lead)
         result.residual_rms = _residual_rms(parts, layout)
         fitted = zarr.open_group(str(store), mode="r")["c2_fit"]
         s = stride_for(t.size)
         for iq, qv in enumerate(result.q):
             for ip, pv in enumerate(result.phi):
                 data = np.asarray(ds["c2"].data[iq, ip, ::s, ::s].compute())
-                model = np.asarray(fitted[iq, ip, ::s, ::s])
+                model = np.asarray(fitted[iq, ip, lead::s, lead::s])
                 heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data, model,
                             f"q = {qv:.5g} 1/Å, phi = {pv:.4g}°")
         transport_png(tmp / "transport.png", result.transport, cfg.mode)

@@ -56,6 +56,8 @@ class Tile:
         ``bin_start … bin_start + n_phi - 1``.
     index : tuple of int
         (q position, row tile, column tile) in the fit's tile grid.
+    start : tuple of int
+        (row, column) of the tile's first element in the dataset's (t1, t2) indices.
     extent : tuple of int
         (rows, columns) that are data, not padding.
     """
@@ -68,6 +70,7 @@ class Tile:
     phi: np.ndarray
     bin_start: int
     index: tuple[int, int, int]
+    start: tuple[int, int]
     extent: tuple[int, int]
 
     @property
@@ -304,7 +307,7 @@ def tile_lag_sums(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
     size = tile.weight.shape[0]
     i = np.arange(size)[:, None]
     j = np.arange(size)[None, :]
-    row0, col0 = tile.index[1] * size, tile.index[2] * size
+    row0, col0 = tile.start
     lag = (col0 + j) - (row0 + i)
     mask = tile.weight > 0
     lag0 = int(lag[mask].min()) if mask.any() else 0

@@ -58,9 +58,12 @@ def create_fitted_store(path: Path, q, phi, t, tile: int) -> None:
         arr.attrs["units"] = unit
 
 
-def write_fitted_tile(tile: Tile, x, layout: ParameterLayout, mode: str, L: float, path: str | None):
+def write_fitted_tile(tile: Tile, x, layout: ParameterLayout, mode: str, L: float,
+                      path: str | None, lead: int):
     """Worker task: write this tile's model and residual chunks; return per-bin sums.
 
+    ``lead`` is the number of unfitted frames before the first fitted one in the store
+    (it starts at a frame that is a multiple of the tile size, so a tile is one chunk).
     With ``path`` None nothing is written (only the residual sums are wanted).
 
     Returns
@@ -68,14 +71,13 @@ def write_fitted_tile(tile: Tile, x, layout: ParameterLayout, mode: str, L: floa
     (bin_start, sum of r² per phi (n_phi,), points per phi (n_phi,))
     """
     model = tile_model(tile, x, layout, mode, L)
-    iq, bi, bj = tile.index
-    size = tile.weight.shape[0]
+    iq = tile.index[0]
+    r0, c0 = tile.start[0] + lead, tile.start[1] + lead
     n1, n2 = tile.extent
     w = tile.weight[:n1, :n2] > 0
     fit = np.where(w, model[:, :n1, :n2], np.nan).astype(np.float32)
     resid = np.where(w, tile.c2[:, :n1, :n2] - model[:, :n1, :n2], np.nan).astype(np.float32)
-    region = (slice(iq, iq + 1), slice(None), slice(bi * size, bi * size + n1),
-              slice(bj * size, bj * size + n2))
+    region = (slice(iq, iq + 1), slice(None), slice(r0, r0 + n1), slice(c0, c0 + n2))
     if path is not None:
         root = zarr.open_group(path, mode="r+")
         root["c2_fit"][region] = fit[None]

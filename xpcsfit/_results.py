@@ -45,6 +45,12 @@ class FitResult:
         1-sigma standard errors.
     warnings : list of str
     input, provenance : dict
+    x, start, lower, upper : ndarray (P,)
+        Final and starting solver vectors and the bounds, over all parameters
+        (physics, contrast per bin, offset per bin).
+    engine : dict
+        What the engine did: tile size, tiles, held or streamed, passes, seconds per
+        pass, bytes to/from the workers per pass, compiled kernels per worker.
     """
 
     mode: str
@@ -74,6 +80,10 @@ class FitResult:
     input: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     x: np.ndarray | None = None
+    start: np.ndarray | None = None
+    lower: np.ndarray | None = None
+    upper: np.ndarray | None = None
+    engine: dict = field(default_factory=dict)
 
     @property
     def parameters(self) -> dict[str, float]:
@@ -124,6 +134,7 @@ class FitResult:
             "wall_time_s": self.wall_time_s,
             "transport": {k: lst(v) for k, v in self.transport.items()},
             "warnings": self.warnings,
+            "engine": self.engine,
             "provenance": self.provenance,
         }
 

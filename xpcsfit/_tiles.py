@@ -1,17 +1,22 @@
 """From a c2 Dataset to fit tiles: the grid, the skipped lower tiles, the padding.
 
-A tile is one dask block of ``c2`` with dims (q, phi, t1, t2) and chunks
-(1, n_phi, size, size): all phi angles of one q over one (t1, t2) time tile
-(DESIGN.md §4). Blocks wholly below the diagonal hold no fitted point and are skipped;
-edge blocks are padded to ``size`` so that every tile has one shape (one compiled
-kernel) and the padding is masked by a zero weight.
+A tile holds all phi angles of one q over one (t1, t2) time tile (DESIGN.md §4). The
+grid is aligned to absolute frame numbers (edges at multiples of ``size``), so the tiles
+of a fit coincide with the chunks of a store ingested with the same tile size whatever
+frame range is selected: a tile then reads exactly one chunk. Tiles wholly below the
+diagonal hold no fitted point and are skipped; edge tiles are padded to ``size`` so that
+every tile has one shape (one compiled kernel) and the padding is masked by a zero weight.
+
+A :class:`TileSpec` is the small, picklable recipe of one tile (a lazy dask slice of the
+source plus its coordinates); ``spec.load()`` reads the data and builds the
+:class:`~xpcsfit._kernel.Tile`. Evaluators either load every tile once and hold it, or
+load it afresh in every pass (streaming, for data larger than the workers' memory).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import dask
 import numpy as np
 import xarray as xr
 
@@ -20,59 +25,66 @@ from ._kernel import Tile
 
 
 @dataclass(frozen=True)
-class TilePlan:
-    """The tiles of one fit, as lazy (dask.delayed) loads in a fixed order.
+class TileSpec:
+    """How to load one tile.
 
     Attributes
     ----------
-    loads : list of dask.delayed.Delayed
-        Each computes a :class:`~xpcsfit._kernel.Tile`.
-    indices : list of (q position, row tile, column tile)
-    size : int
-        Tile edge in frames.
-    n_points : int
-        Fitted points (t2 > t1) over all bins.
-    """
-
-    loads: list
-    indices: list[tuple[int, int, int]]
-    size: int
-    n_points: int
-
-
-def make_tile(block, t1, t2, q, phi, bin_start, index, size, source) -> Tile:
-    """Build a padded, masked :class:`Tile` from one c2 block.
-
-    Parameters
-    ----------
-    block : ndarray (1, n_phi, n1, n2)
-        c2 values, NaN below the diagonal.
-    t1 : ndarray (n1,), t2 : ndarray (n2,)
-        Times of the rows and columns, s.
-    q : float, phi : ndarray (n_phi,)
+    block : dask.array.Array (1, n_phi, n1, n2)
+        Lazy slice of c2 (NaN below the diagonal).
+    t1, t2 : ndarray (n1,), (n2,)
+        Times of its rows and columns, s.
+    q : float
+    phi : ndarray (n_phi,)
     bin_start : int
     index : (q position, row tile, column tile)
+    start : (row, column) of its first element in the dataset's (t1, t2) indices
     size : int
     source : str
-        File named in error messages.
-
-    Raises
-    ------
-    InputError
-        If a fitted point (t2 > t1) is NaN or infinite.
     """
-    c2 = np.asarray(block, dtype=np.float32)[0]
+
+    block: object
+    t1: np.ndarray
+    t2: np.ndarray
+    q: float
+    phi: np.ndarray
+    bin_start: int
+    index: tuple[int, int, int]
+    start: tuple[int, int]
+    size: int
+    source: str
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the loaded, padded tile."""
+        return self.phi.size * self.size * self.size * 4 + self.size * self.size * 8
+
+    def load(self) -> Tile:
+        """Read the block (synchronously, in this process) and build the Tile.
+
+        Raises
+        ------
+        InputError
+            If a fitted point (t2 > t1) is NaN or infinite.
+        """
+        block = np.asarray(self.block.compute(scheduler="synchronous"), dtype=np.float32)
+        return make_tile(block[0], self)
+
+
+def make_tile(c2: np.ndarray, spec: TileSpec) -> Tile:
+    """Pad and mask one loaded block (n_phi, n1, n2) into a :class:`Tile`."""
     n_phi, n1, n2 = c2.shape
-    rows = index[1] * size + np.arange(n1)
-    cols = index[2] * size + np.arange(n2)
+    rows = spec.start[0] + np.arange(n1)
+    cols = spec.start[1] + np.arange(n2)
     fitted = cols[None, :] > rows[:, None]
     bad = ~np.isfinite(c2) & fitted[None]
     if bad.any():
         k, i, j = np.argwhere(bad)[0]
         raise InputError(
-            f"{source}: c2 is not finite at q={q:.6g} 1/Å, phi={phi[k]:.4g}°, "
-            f"t1={t1[i]:.6g} s, t2={t2[j]:.6g} s"
+            f"{spec.source}: c2 is not finite at q={spec.q:.6g} 1/Å, phi={spec.phi[k]:.4g}°, "
+            f"t1={spec.t1[i]:.6g} s, t2={spec.t2[j]:.6g} s"
         )
+    size = spec.size
     padded = np.zeros((n_phi, size, size), np.float32)
     padded[:, :n1, :n2] = np.where(fitted[None], c2, 0.0)
     weight = np.zeros((size, size))
@@ -80,12 +92,13 @@ def make_tile(block, t1, t2, q, phi, bin_start, index, size, source) -> Tile:
     return Tile(
         c2=padded,
         weight=weight,
-        t1=_pad_times(t1, size),
-        t2=_pad_times(t2, size),
-        q=float(q),
-        phi=np.asarray(phi, float),
-        bin_start=int(bin_start),
-        index=tuple(int(v) for v in index),
+        t1=_pad_times(spec.t1, size),
+        t2=_pad_times(spec.t2, size),
+        q=float(spec.q),
+        phi=np.asarray(spec.phi, float),
+        bin_start=int(spec.bin_start),
+        index=spec.index,
+        start=spec.start,
         extent=(n1, n2),
     )
 
@@ -96,48 +109,57 @@ def _pad_times(t, size):
     return out
 
 
-def plan_tiles(ds: xr.Dataset, size: int = 256) -> TilePlan:
+def tile_edges(first_frame: int, n_t: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) dataset indices of the tiles along one time axis.
+
+    Edges sit at absolute frame numbers that are multiples of ``size``; dataset index 0
+    is frame ``first_frame``.
+    """
+    lead = first_frame % size
+    edges = [0] + list(range(size - lead, n_t, size)) + [n_t]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def plan_tiles(ds: xr.Dataset, size: int) -> list[TileSpec]:
     """Lay the (q, phi, t1, t2) c2 of ``ds`` out as fit tiles of ``size`` frames.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        From :func:`xpcsfit.open_dataset`: ``c2`` with dims (q, phi, t1, t2) and
-        identical t1 and t2 coordinates (s).
+        From :func:`xpcsfit.open_dataset`: ``c2`` (q, phi, t1, t2), identical t1 and t2
+        coordinates (s), attribute ``frames`` [A, B].
     size : int
         Tile edge in frames.
 
     Returns
     -------
-    TilePlan
+    list of TileSpec, q-major, then row tile, then column tile (≥ row tile).
     """
     c2 = ds["c2"].transpose("q", "phi", "t1", "t2").data
-    if not hasattr(c2, "to_delayed"):
+    if not hasattr(c2, "compute"):
         import dask.array as da
 
         c2 = da.from_array(c2)
     n_q, n_phi, n_t, _ = c2.shape
-    c2 = c2.rechunk((1, n_phi, size, size))
-    blocks = c2.to_delayed()
     t = np.asarray(ds["t1"].values, float)
     q = np.asarray(ds["q"].values, float)
     phi = np.asarray(ds["phi"].values, float)
     source = ds.attrs.get("source", "input")
-    n_tiles = -(-n_t // size)
-    loads, indices = [], []
+    edges = tile_edges(int(ds.attrs.get("frames", [0])[0]), n_t, size)
+    specs = []
     for iq in range(n_q):
-        for bi in range(n_tiles):
-            for bj in range(bi, n_tiles):  # tiles wholly below the diagonal are skipped
-                index = (iq, bi, bj)
-                loads.append(
-                    dask.delayed(make_tile, pure=True)(
-                        blocks[iq, 0, bi, bj],
-                        t[bi * size : (bi + 1) * size],
-                        t[bj * size : (bj + 1) * size],
-                        q[iq], phi, iq * n_phi, index, size, source,
-                        dask_key_name=f"xpcsfit-load-tile-{iq}-{bi}-{bj}-{dask.base.tokenize(blocks[iq, 0, bi, bj].key, size)}",
-                    )
-                )
-                indices.append(index)
-    n_points = n_q * n_phi * n_t * (n_t - 1) // 2
-    return TilePlan(loads=loads, indices=indices, size=size, n_points=n_points)
+        for bi, (r0, r1) in enumerate(edges):
+            for bj in range(bi, len(edges)):  # tiles wholly below the diagonal are skipped
+                c0, c1 = edges[bj]
+                specs.append(TileSpec(
+                    block=c2[iq : iq + 1, :, r0:r1, c0:c1], t1=t[r0:r1], t2=t[c0:c1],
+                    q=float(q[iq]), phi=phi, bin_start=iq * n_phi, index=(iq, bi, bj),
+                    start=(r0, c0), size=size, source=source,
+                ))
+    return specs
+
+
+def count_points(ds: xr.Dataset) -> int:
+    """Fitted points (t2 > t1) over all bins of ``ds``."""
+    n_t = ds.sizes["t1"]
+    return ds.sizes["q"] * ds.sizes["phi"] * n_t * (n_t - 1) // 2
