@@ -158,3 +158,12 @@ def test_frame_selection_on_a_store_keeps_tiles_on_chunks(small_flow_file, clien
     resid = fitted["residual"].values[0, 0]
     assert np.isnan(resid[:10]).all()  # frames before the selection are not fitted
     assert np.isfinite(resid[10, 11:151]).all()
+
+
+def test_gap_recorded_at_ingest_is_used(small_flow_file, client, tmp_path):
+    store, _ = xpcsfit.ingest(small_flow_file, tmp_path / "s.zarr", tile=64, gap=1.9e6)
+    assert xpcsfit.open_dataset(store).attrs["L"] == 1.9e6
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", xpcsfit.GapWarning)
+        r = xpcsfit.fit(store, client=client, progress=False, frames=(1, 60))
+    assert r.input["L"] == 1.9e6 and r.provenance["gap_defaulted"] is False

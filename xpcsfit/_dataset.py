@@ -72,7 +72,7 @@ def open_dataset(
         ``c2`` (q, phi, t1, t2) float32, dask-backed, chunks (1, n_phi, tile, tile),
         NaN below the diagonal. Coordinates q (1/Å), phi (deg), t1, t2 (s, = frame ×
         dt). Attributes dt, frames [A, B], n_frames, source, sha256, layout,
-        q_index and, for a store, store.
+        q_index and, for a store, store, tile and (when given at ingest) L, Å.
 
     Raises
     ------
@@ -220,6 +220,8 @@ def _open_from_store(path, q, q_index, phi, frames, dt) -> xr.Dataset:
         "store": str(path.resolve()),
         "tile": int(a["tile"]),
     }
+    if "L" in a:
+        attrs["L"] = float(a["L"])
     return _build(c2, grid, q_sel, phi_sel, (first, last), dt, attrs)
 
 
@@ -242,7 +244,7 @@ def _build(c2, grid: _Grid, q_sel, phi_sel, frame_range, dt, attrs) -> xr.Datase
         "layout": attrs["layout"],
         "q_index": [int(i) for i in q_sel],
     }
-    for key in ("store", "tile"):  # a store's path and chunk side
+    for key in ("store", "tile", "L"):  # a store's path, chunk side and recorded gap
         if key in attrs:
             ds.attrs[key] = attrs[key]
     return ds

@@ -51,8 +51,8 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     mode : {"laminar_flow", "static"}, optional
         Default: the config's, else "laminar_flow".
     gap : float, optional
-        Gap L in Å (laminar_flow). Default 2.0e6 Å, with a :class:`GapWarning`: the
-        files do not record it.
+        Gap L in Å (laminar_flow). Default: the store's ``L`` (``xpcsfit ingest --gap``),
+        else 2.0e6 Å with a :class:`GapWarning` (result files do not record it).
     config : str, Path, dict or FitConfig, optional
         YAML file or mapping (see :mod:`xpcsfit._config`); keywords override it.
     out : str or Path, optional
@@ -85,8 +85,9 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     ds = open_dataset(input, q=q, q_index=q_index, phi=phi, frames=frames, dt=dt,
                       tile=cfg.tile or DEFAULT_TILE)
     size = cfg.tile or int(ds.attrs.get("tile", DEFAULT_TILE))
-    L = cfg.gap
-    if L is None:
+    L = cfg.gap or ds.attrs.get("L")
+    gap_defaulted = L is None
+    if gap_defaulted:
         L = DEFAULT_GAP
         if cfg.mode == "laminar_flow":
             warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
@@ -108,8 +109,8 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         try:
             result = _solve(evaluator, ds, cfg, layout, L, progress)
             cluster = f"{cl.scheduler.address} ({evaluator.n_workers} workers)"
-            result.provenance = _provenance(cfg, L, gap is None and cfg.gap is None, cluster)
-            result.input = _input_info(ds, n_points)
+            result.provenance = _provenance(cfg, L, gap_defaulted, cluster)
+            result.input = _input_info(ds, n_points, L)
             result.engine = {"tile_size": size} | evaluator.stats()
             if out is not None:
                 _write(Path(out), result, ds, evaluator, layout, cfg, L, size, started)
@@ -236,7 +237,7 @@ def _write(out, result, ds, evaluator, layout, cfg, L, size, started):
         (tmp / "fit.json").write_text(result.to_json())
 
 
-def _input_info(ds, n_points) -> dict:
+def _input_info(ds, n_points, L) -> dict:
     info = {
         "path": ds.attrs.get("source"),
         "sha256": ds.attrs.get("sha256"),
@@ -246,6 +247,7 @@ def _input_info(ds, n_points) -> dict:
         "phi": ds["phi"].values.tolist(),
         "dt": float(ds.attrs["dt"]),
         "frames": list(map(int, ds.attrs["frames"])),
+        "L": L,
         "n_points": int(n_points),
     }
     if "store" in ds.attrs:

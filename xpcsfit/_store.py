@@ -52,7 +52,7 @@ class Ingested(NamedTuple):
     created: bool
 
 
-def ingest(source: str | Path, store: str | Path, *, tile: int = 256) -> Ingested:
+def ingest(source: str | Path, store: str | Path, *, tile: int = 256, gap: float | None = None) -> Ingested:
     """Copy the two-time maps of an HDF5 result file into a Zarr v3 store.
 
     All q that have maps, all phi and all frames are copied, one q and one band of
@@ -68,6 +68,9 @@ def ingest(source: str | Path, store: str | Path, *, tile: int = 256) -> Ingeste
         Directory of the store to create.
     tile : int
         Side of the (t1, t2) chunks, frames. Ignored when the store already exists.
+    gap : float, optional
+        Gap L of the sample, Å, recorded as the store attribute ``L`` (result files do
+        not record it); fits of the store then use it unless given another.
 
     Returns
     -------
@@ -81,11 +84,13 @@ def ingest(source: str | Path, store: str | Path, *, tile: int = 256) -> Ingeste
         Bad source file (see :func:`xpcsfit._hdf.read_info`, :func:`~xpcsfit._hdf.read_dt`),
         ``store`` exists and holds another file, or exists and is not an xpcsfit store.
     ConfigError
-        ``tile`` is not a positive integer.
+        ``tile`` is not a positive integer, or ``gap`` is not a finite positive number.
     """
     source, store = Path(source), Path(store)
     if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < 1:
         raise ConfigError(f"tile = {tile!r}: must be a positive integer")
+    if gap is not None and not (np.isfinite(gap) and gap > 0):
+        raise ConfigError(f"gap = {gap!r}: must be a finite positive number of Å")
     info = _hdf.read_info(source)
     digest = _hdf.sha256_file(source)
     if store.exists() or store.is_symlink():
@@ -94,7 +99,7 @@ def ingest(source: str | Path, store: str | Path, *, tile: int = 256) -> Ingeste
 
     tmp = store.with_name(f"{store.name}.partial-{secrets.token_hex(4)}")
     try:
-        _write_store(tmp, info, digest, dt, int(tile))
+        _write_store(tmp, info, digest, dt, int(tile), gap)
         try:
             os.rename(tmp, store)
         except OSError:
@@ -168,7 +173,7 @@ def _existing(store: Path, digest: str) -> Ingested:
     return Ingested(store.resolve(), False)
 
 
-def _write_store(tmp: Path, info: _hdf.FileInfo, digest: str, dt: float, tile: int) -> None:
+def _write_store(tmp: Path, info: _hdf.FileInfo, digest: str, dt: float, tile: int, gap) -> None:
     has_map = info.has_map()
     q_index = sorted(np.flatnonzero(has_map.any(axis=1)).tolist(), key=lambda i: info.q_grid[i])
     n_q, n_phi, n = len(q_index), info.phi_grid.size, info.n_frames
@@ -184,6 +189,8 @@ def _write_store(tmp: Path, info: _hdf.FileInfo, digest: str, dt: float, tile: i
         "q_grid": [float(v) for v in info.q_grid],
         "has_map": has_map[q_index].tolist(),
     }
+    if gap is not None:
+        attrs["L"] = float(gap)
     # metadata is written here, once, before any chunk
     root = zarr.open_group(tmp, mode="w-", zarr_format=3, attributes=attrs)
     c2 = root.create_array(

@@ -56,12 +56,13 @@ def _ingest_parser(sub):
     p.add_argument("input")
     p.add_argument("store")
     p.add_argument("--tile", type=int, default=256, help="tile edge in frames (default 256)")
+    p.add_argument("--gap", type=float, metavar="L_ANGSTROM", help="record the sample gap L, Å")
 
 
 def _run_ingest(args) -> int:
     from ._store import ingest
 
-    path, created = ingest(args.input, args.store, tile=args.tile)
+    path, created = ingest(args.input, args.store, tile=args.tile, gap=args.gap)
     print(f"{path}: {'written' if created else 'already ingested from this input; nothing to do'}")
     return 0
 
