@@ -167,3 +167,16 @@ def test_gap_recorded_at_ingest_is_used(small_flow_file, client, tmp_path):
         warnings.simplefilter("error", xpcsfit.GapWarning)
         r = xpcsfit.fit(store, client=client, progress=False, frames=(1, 60))
     assert r.input["L"] == 1.9e6 and r.provenance["gap_defaulted"] is False
+
+
+def test_gpu_cluster_pins_one_card_per_worker():
+    # On this CPU machine the workers simply see no card; the spec is what is tested.
+    import os
+
+    from distributed import Client
+
+    from xpcsfit._cluster import gpu_cluster
+
+    with gpu_cluster(["0", "1"]) as cluster, Client(cluster) as c:
+        seen = c.run(lambda: (os.environ["CUDA_VISIBLE_DEVICES"], os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"]))
+    assert sorted(seen.values()) == [("0", "false"), ("1", "false")]

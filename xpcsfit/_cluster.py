@@ -23,22 +23,67 @@ WORKER_ENV = {
 
 
 def local_cluster(n_workers: int | None = None, memory_limit="auto"):
-    """Start a LocalCluster of worker processes on 127.0.0.1 with :data:`WORKER_ENV`.
+    """Start a local cluster of worker processes on 127.0.0.1 with :data:`WORKER_ENV`.
+
+    With CUDA GPUs visible (``nvidia-smi -L`` lists them) the cluster gets one worker
+    per GPU (see :func:`gpu_cluster`); otherwise a LocalCluster of CPU workers.
 
     Parameters
     ----------
     n_workers : int, optional
-        Default: the number of cores (at most 8).
+        Default: the number of cores (at most 8), or of GPUs.
     memory_limit : str or int
         Per worker, as for ``distributed.LocalCluster``.
     """
     from distributed import LocalCluster
 
+    gpus = visible_gpus()
+    if gpus:
+        return gpu_cluster(gpus[: n_workers or len(gpus)], memory_limit)
     n = n_workers or max(1, min(8, os.cpu_count() or 1))
     return LocalCluster(
         n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
         memory_limit=memory_limit, env=dict(WORKER_ENV), silence_logs=40,
     )
+
+
+def visible_gpus() -> list[str]:
+    """Indices of the CUDA GPUs this machine shows (``nvidia-smi -L``), else []."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
+
+
+def gpu_cluster(gpus: list[str], memory_limit="auto"):
+    """One worker process per GPU, each seeing only its own card (CUDA_VISIBLE_DEVICES).
+
+    The workers run the same JAX kernels, which then execute on the GPU; XLA does not
+    preallocate the card (:data:`WORKER_ENV`).
+
+    Parameters
+    ----------
+    gpus : list of str
+        CUDA device indices, one worker each.
+    """
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":8787"}}
+    workers = {
+        f"gpu-{g}": {
+            "cls": Nanny,
+            "options": {"host": "127.0.0.1", "nthreads": 1, "memory_limit": memory_limit,
+                        "env": dict(WORKER_ENV, CUDA_VISIBLE_DEVICES=g)},
+        }
+        for g in gpus
+    }
+    return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=40)
 
 
 @contextlib.contextmanager
