@@ -5,22 +5,29 @@ Sampling coordinates w
     D0, alpha and D_offset separately: in (D0, alpha) the posterior is a thin curved
     ridge (D0·alpha ≈ const) that NUTS cannot cross. NUTS therefore samples
 
-        w = (v_D0, s_J, J_1 [, v_g0, s_g, g_1, phi0])
+        w = (u_D0, s_J, y_J [, u_g0, s_g, y_g, phi0])
 
-    with D0 = exp(log lo + (log hi - log lo)·sigmoid(v_D0)), s_J = alpha·D0 = dJ/dln t
-    and J_1 = D0 + D_offset = J at t = 1 s; likewise for the shear rate
-    (gamma_dot_t0, beta, gamma_dot_t_offset) -> (v_g0, s_g, g_1). The data determine
-    (s_J, J_1) whatever D0 is, so the ridge becomes a straight valley along v_D0.
+    with s_J = alpha·D0 = dJ/dln t and y_J = D0 + D_offset = J, both at t = 1 s, and
+    u_D0 the position of log D0 (logit scale) inside the interval that every bound
+    allows for this (s_J, y_J); likewise for the shear rate (gamma_dot_t0, beta,
+    gamma_dot_t_offset). The data determine (s, y) whatever the amplitude is, so the
+    ridge becomes a straight valley along u, and no bound is ever crossed (see
+    :class:`Coordinates`).
 
-Prior (weakly informative, inside the bounds)
-    Each physics parameter independently logit-normal on its bounds: the bound-scaled
-    value (log-scaled for D0 and gamma_dot_t0) is sigmoid(v), v ~ Normal(0, 1.5²). The
-    density is flat-topped over the middle of the interval and falls smoothly to zero
-    at the bounds, so the bounds are smooth barriers rather than walls that NUTS
-    would report as divergences. The prior density of w (Jacobian 1/D0 · 1/gamma_dot_t0
-    included) is raised to 1/K in each of the K shards (Scott et al., 2016, Eq. 2), in
-    w, the space where the shards are combined: the product of the K shard targets is
-    then exactly the full posterior of w.
+Prior (weakly informative, inside the bounds), defined on w
+    u ~ Normal(0, 1) (log D0 anywhere in its allowed interval, the middle favoured);
+    s ~ Normal(0, (largest slope the bounds allow)²); y ~ Normal(centre, half-range²)
+    of the bounds of D0 + D_offset; times a logit-normal factor (logit sd 1) on each
+    exponent (alpha, beta) and on phi0, inside their bounds; zero outside the bounds.
+    It is a prior on the physics parameters (through the one-to-one map w -> θ), but
+    not one of independent factors per parameter: placed on w, it does not favour
+    small amplitudes the way independent priors on (D0, alpha) do through the Jacobian
+    1/D0 (the prior volume of alpha at fixed slope), which pulls the posterior of an
+    undetermined D0 to its lower bound and alpha to its bounds. The prior density of
+    w is raised to 1/K in each of the K shards (Scott et al., 2016, Eq. 2), in w, the
+    space where the shards are combined: the product of the K shard targets is the
+    full posterior of w, and for the Normal factors the tempered sub-priors multiply
+    back exactly even under the Gaussian consensus rule.
 
 Likelihood
     c2 = offset_k + contrast_k·G(θ) + e with e ~ Normal(0, var_k), one var_k per (q, phi)
@@ -32,8 +39,9 @@ Likelihood
 
     RSS_k the residual sum of squares at the best contrast/offset for this θ and M_k
     the 2×2 Gram matrix of [G, 1]. Marginalising per shard gives each shard its own
-    contrast/offset; shards spread over the whole time window have nearly the same
-    θ-information about them, so the loss against shared values is second order.
+    contrast/offset; shards interleaved over the whole map (``shard_of``) have nearly
+    the same θ-information about them, so the loss against shared values is second
+    order (the consensus test measures it: sds within a few % of full-data NUTS).
 """
 
 from __future__ import annotations
@@ -45,8 +53,7 @@ import numpy as np
 
 from . import _model  # noqa: F401  (jax_enable_x64 before any array is made)
 
-PRIOR_SD = 1.5  # sd of the logit coordinate of every physics parameter
-_LOG_SCALED = ("D0", "gamma_dot_t0")
+PRIOR_SD = 1.0  # sd of u (amplitude position, logit scale) and of the exponent/phi0 logits
 
 
 # ---------------------------------------------------------------- coordinates, prior
@@ -56,6 +63,18 @@ _LOG_SCALED = ("D0", "gamma_dot_t0")
 class Coordinates:
     """Map between physics parameters θ and NUTS's sampling coordinates w.
 
+    Per power law (A t**e + o: (D0, alpha, D_offset) and, in laminar_flow,
+    (gamma_dot_t0, beta, gamma_dot_t_offset)) three coordinates (u, s, y):
+
+        s = e·A    (the slope d/dln t at t = 1 s)      y = A + o  (the value at t = 1 s)
+        log A = a + (b - a)·sigmoid(u)
+
+    with [a, b] the log-amplitudes that every bound allows for this (s, y) (see
+    ``_interval``): the exponent s/A and the offset y - A stay inside their bounds by
+    construction, for any u. Without it the exponent bound cuts the allowed slope
+    down in proportion to A, and the offset bound cuts the amplitude off at a wall:
+    funnels and walls where NUTS diverges. phi0 is sampled as it is.
+
     Parameters
     ----------
     mode : {"static", "laminar_flow"}
@@ -63,7 +82,7 @@ class Coordinates:
         Physics parameter names in θ order (``_parameters.MODES[mode]``).
     lower, upper : tuple of float
         Bounds of each physics parameter (same order); D0 and gamma_dot_t0 need
-        lower > 0.
+        lower > 0, alpha and beta lower < 0 < upper.
     """
 
     mode: str
@@ -72,92 +91,152 @@ class Coordinates:
     upper: tuple
 
     @property
-    def w_names(self) -> list[str]:
-        out = ["logit_D0", "dJ_dlnt_at_1s", "J_at_1s"]
+    def blocks(self):
+        out = [("D0", "alpha", "D_offset")]
         if self.mode == "laminar_flow":
-            out += ["logit_gamma_dot_t0", "dgamma_dot_dlnt_at_1s", "gamma_dot_at_1s", "phi0"]
+            out.append(("gamma_dot_t0", "beta", "gamma_dot_t_offset"))
+        return out
+
+    @property
+    def w_names(self) -> list[str]:
+        out = ["u_D0", "dJ_dlnt_at_1s", "J_at_1s"]
+        if self.mode == "laminar_flow":
+            out += ["u_gamma_dot_t0", "dgamma_dot_dlnt_at_1s", "gamma_dot_at_1s", "phi0"]
         return out
 
     def _b(self, name):
         i = self.names.index(name)
         return self.lower[i], self.upper[i]
 
-    def _amplitude(self, v, name):
+    def _interval(self, s, y, names):
+        """(a, b): log of the smallest and largest amplitude A allowed by every bound.
+
+        A >= A_lo, A >= m(s) (the exponent s/A inside its bounds: m = s/e_hi for s > 0,
+        s/e_lo for s < 0) and A >= y - o_hi; A <= A_hi and A <= y - o_lo (the offset
+        y - A inside its bounds). The maxima and minima are smooth (a root of a sum of
+        squares; a soft minimum of order 16), continuously differentiable so that
+        NUTS's leapfrog steps meet no kink where the slope s changes sign. They lie
+        inside the exact limits (by at most a factor √3 and 2^(1/16)), so the prior is
+        zero on thin slivers next to the bounds.
+        """
         import jax.numpy as jnp
 
-        lo, hi = self._b(name)
-        llo, lhi = np.log(lo), np.log(hi)
-        return jnp.exp(llo + (lhi - llo) * _sigmoid(v))
+        amp, exponent, offset = names
+        a_lo, a_hi = self._b(amp)
+        e_lo, e_hi = self._b(exponent)
+        o_lo, o_hi = self._b(offset)
+        m = jnp.where(s > 0, s / e_hi, s / e_lo)
+        d = jnp.maximum(y - o_hi, 0.0)
+        a = 0.5 * jnp.log(a_lo * a_lo + m * m + d * d)
+        c = jnp.maximum(y - o_lo, 1e-300)
+        k = 16.0
+        b = -jnp.logaddexp(-k * np.log(a_hi), -k * jnp.log(c)) / k
+        # Where the bounds leave no amplitude at all (a >= b) the prior is zero; keep the
+        # map defined there (the prior's bound checks return -inf).
+        b = jnp.maximum(b, a + 1e-9)
+        return a, b
+
+    def _block(self, w3, names):
+        """(A, e, o, log dlogA/du) of one power law from its (u, s, y)."""
+        import jax
+        import jax.numpy as jnp
+
+        u, s, y = w3
+        a, b = self._interval(s, y, names)
+        logA = a + (b - a) * jax.nn.sigmoid(u)
+        A = jnp.exp(logA)
+        log_du = jnp.log(b - a) + jax.nn.log_sigmoid(u) + jax.nn.log_sigmoid(-u)
+        return A, s / A, y - A, logA, log_du
 
     def to_theta(self, w):
         """θ (…, p) from w (…, p); JAX-traceable."""
         import jax.numpy as jnp
 
-        D0 = self._amplitude(w[..., 0], "D0")
-        parts = [D0, w[..., 1] / D0, w[..., 2] - D0]
+        parts = []
+        for k, names in enumerate(self.blocks):
+            A, e, o, _, _ = self._block((w[..., 3 * k], w[..., 3 * k + 1], w[..., 3 * k + 2]), names)
+            parts += [A, e, o]
         if self.mode == "laminar_flow":
-            g0 = self._amplitude(w[..., 3], "gamma_dot_t0")
-            parts += [g0, w[..., 4] / g0, w[..., 5] - g0, w[..., 6]]
+            parts.append(w[..., 6])
         return jnp.stack(parts, axis=-1)
 
     def from_theta(self, theta, margin: float = 0.02) -> np.ndarray:
-        """w of θ (p,), first moved ``margin`` (bound-scaled) inside every bound.
+        """w of θ (p,), moved inside the bounds (by ``margin`` of each interval).
 
         An amplitude on its bound (D0 = 1e5 is a common least-squares answer when D0
-        and D_offset are not separately determined) becomes one inside; s and J_1 are
+        and D_offset are not separately determined) becomes one inside; s and y are
         kept, so J(t) changes only at second order.
         """
         th = dict(zip(self.names, np.asarray(theta, float)))
-
-        def inside(name, value, log=False):
-            lo, hi = self._b(name)
-            if log:
-                lo, hi, value = np.log(lo), np.log(hi), np.log(max(value, lo))
-            x = np.clip((value - lo) / (hi - lo), margin, 1 - margin)
-            return lo + x * (hi - lo), x
-
-        def amp_block(a, e, o):
-            a_val, x = inside(a, th[a], log=True)
-            amp = np.exp(a_val)
-            exponent, _ = inside(e, th[e])
-            offset, _ = inside(o, th[o])
-            J1 = th[a] + th[o]  # J(1 s) of the least-squares point, kept
-            s = th[e] * th[a]
-            if not (self._b(o)[0] < J1 - amp < self._b(o)[1]):
-                J1 = amp + offset
-            if not (self._b(e)[0] < s / amp < self._b(e)[1]):
-                s = exponent * amp
-            return [_logit(x), s, J1]
-
-        w = amp_block("D0", "alpha", "D_offset")
+        w = []
+        for amp, exponent, offset in self.blocks:
+            e_lo, e_hi = self._b(exponent)
+            o_lo, o_hi = self._b(offset)
+            A = th[amp]
+            e = float(np.clip(th[exponent], e_lo + margin * (e_hi - e_lo), e_hi - margin * (e_hi - e_lo)))
+            s = e * A
+            y = A + float(np.clip(th[offset], o_lo + margin * (o_hi - o_lo), o_hi - margin * (o_hi - o_lo)))
+            a, b = (float(v) for v in self._interval(s, y, (amp, exponent, offset)))
+            x = np.clip((np.log(max(A, 1e-300)) - a) / (b - a), margin, 1 - margin)
+            w += [_logit(x), s, y]
         if self.mode == "laminar_flow":
-            w += amp_block("gamma_dot_t0", "beta", "gamma_dot_t_offset")
-            w.append(inside("phi0", th["phi0"])[0])
+            lo, hi = self._b("phi0")
+            w.append(float(np.clip(th["phi0"], lo + margin * (hi - lo), hi - margin * (hi - lo))))
         return np.asarray(w, float)
 
+    def prior_scales(self) -> dict:
+        """Centre and sd of the Normal prior of each sampling coordinate (see log_prior)."""
+        out = {}
+        for k, (amp, exponent, offset) in enumerate(self.blocks):
+            a_lo, a_hi = self._b(amp)
+            e_lo, e_hi = self._b(exponent)
+            o_lo, o_hi = self._b(offset)
+            names = self.w_names[3 * k: 3 * k + 3]
+            out[names[0]] = (0.0, PRIOR_SD)
+            out[names[1]] = (0.0, max(-e_lo, e_hi) * a_hi)
+            out[names[2]] = (0.5 * (a_lo + a_hi + o_lo + o_hi), 0.5 * (a_hi - a_lo + o_hi - o_lo))
+        return out
+
     def log_prior(self, w):
-        """log density of w under the prior (Jacobian included), untempered; JAX."""
+        """log prior density of w (untempered); JAX.
+
+        Independent Normals on the sampling coordinates: u ~ N(0, 1) (the position of
+        log A in its allowed interval, on the logit scale), s ~ N(0, (|e|max·A_hi)²)
+        (the largest slope the bounds allow), y ~ N(centre, half-range²) of A + o;
+        times a logit-normal factor (logit sd 1) for each exponent e = s/A on its
+        bounds, which keeps the exponents away from their bounds where the data say
+        nothing about them (the early-time tail of J(t)); phi0 logit-normal (logit sd
+        1) on its bounds; zero outside the bounds (A, and the offset for any u, stay
+        inside theirs by construction).
+        """
         import jax.numpy as jnp
 
-        theta = self.to_theta(w)
-        lp = _normal_logpdf(w[..., 0], PRIOR_SD) - jnp.log(theta[..., 0])
-        lp = lp + self._logit_normal(theta[..., 1], "alpha") + self._logit_normal(theta[..., 2], "D_offset")
+        lp = 0.0
+        scales = self.prior_scales()
+        for name, (c, sd) in scales.items():
+            i = self.w_names.index(name)
+            lp = lp + _normal_logpdf(w[..., i] - c, sd)
+        for k, names in enumerate(self.blocks):
+            A, e, o, _, _ = self._block((w[..., 3 * k], w[..., 3 * k + 1], w[..., 3 * k + 2]), names)
+            o_lo, o_hi = self._b(names[2])
+            a_lo, a_hi = self._b(names[0])
+            lp = lp + jnp.where((o > o_lo) & (o < o_hi) & (A <= a_hi), 0.0, -jnp.inf)
+            lp = lp + _logit_normal(e, *self._b(names[1]))
         if self.mode == "laminar_flow":
-            lp = lp + _normal_logpdf(w[..., 3], PRIOR_SD) - jnp.log(theta[..., 3])
-            for i, name in ((4, "beta"), (5, "gamma_dot_t_offset"), (6, "phi0")):
-                lp = lp + self._logit_normal(theta[..., i], name)
+            lp = lp + _logit_normal(w[..., 6], *self._b("phi0"))
         return lp
 
-    def _logit_normal(self, value, name):
-        import jax.numpy as jnp
 
-        lo, hi = self._b(name)
-        x = (value - lo) / (hi - lo)
-        ok = (x > 0) & (x < 1)
-        xs = jnp.where(ok, x, 0.5)  # safe value: no NaN reaches the gradient
-        v = jnp.log(xs) - jnp.log1p(-xs)
-        lp = _normal_logpdf(v, PRIOR_SD) - jnp.log(xs) - jnp.log1p(-xs) - np.log(hi - lo)
-        return jnp.where(ok, lp, -jnp.inf)
+def _logit_normal(value, lo, hi):
+    """log density of a logit-normal variable on (lo, hi) (logit sd PRIOR_SD); -inf outside."""
+    import jax.numpy as jnp
+
+    x = (value - lo) / (hi - lo)
+    ok = (x > 0) & (x < 1)
+    xs = jnp.where(ok, x, 0.5)  # safe value: no NaN reaches the gradient
+    v = jnp.log(xs) - jnp.log1p(-xs)
+    lp = _normal_logpdf(v, PRIOR_SD) - jnp.log(xs) - jnp.log1p(-xs) - np.log(hi - lo)
+    return jnp.where(ok, lp, -jnp.inf)
 
 
 def _sigmoid(v):
@@ -201,36 +280,85 @@ class ShardData:
         return int(self.n.sum())
 
 
-def shard_data(tiles, thin: int, n_bins: int) -> ShardData:
-    """Collect the points of ``tiles`` on the lattice of every ``thin``-th frame.
+def tile_lattice(tile, thin: int) -> dict:
+    """Worker task: the points of one tile on the lattice of every ``thin``-th frame.
 
-    Rows and columns whose dataset frame index is a multiple of ``thin`` are kept
-    (tile edges are multiples of ``thin``), fitted points only (t2 > t1).
+    Rows and columns whose dataset index (frame - first frame) is a multiple of ``thin``
+    are kept, fitted points only (t2 > t1).
+
+    Parameters
+    ----------
+    tile : :class:`~xpcsfit._tiles.TileSpec` (loaded here) or :class:`~xpcsfit._kernel.Tile`
+    thin : int
+
+    Returns
+    -------
+    dict: ``q_pos``, ``q``, ``phi`` (n_phi,), ``bin_start``, ``i``, ``j`` (n,) lattice
+    row and column (dataset index // thin), ``t1``, ``t2`` (n,) s, ``y`` (n_phi, n)
+    float32 c2.
     """
-    by_q: dict[float, list] = {}
-    for tile in tiles:
-        w = tile.weight[::thin, ::thin] > 0
-        i, j = np.nonzero(w)
-        if i.size == 0:
-            continue
-        by_q.setdefault(tile.index[0], []).append(
-            (tile, tile.t1[::thin][i], tile.t2[::thin][j], tile.c2[:, ::thin, ::thin][:, i, j])
-        )
+    if hasattr(tile, "load"):
+        tile = tile.load()
+    size = tile.weight.shape[0]
+    rows = np.flatnonzero((tile.start[0] + np.arange(size)) % thin == 0)
+    cols = np.flatnonzero((tile.start[1] + np.arange(size)) % thin == 0)
+    i, j = np.nonzero(tile.weight[np.ix_(rows, cols)] > 0)
+    i, j = rows[i], cols[j]
+    return {
+        "q_pos": int(tile.index[0]), "q": float(tile.q), "phi": np.asarray(tile.phi, float),
+        "bin_start": int(tile.bin_start),
+        "i": (tile.start[0] + i) // thin, "j": (tile.start[1] + j) // thin,
+        "t1": tile.t1[i], "t2": tile.t2[j], "y": tile.c2[:, i, j],
+    }
+
+
+def shard_of(i, j, n_shards: int) -> np.ndarray:
+    """Shard of lattice points (i, j): a fixed integer hash (splitmix64) modulo K.
+
+    Every shard thus gets about 1/K of the points of every row, column, lag and bin,
+    interleaved at random over the whole map, like the random data partition of
+    Scott et al. (2016); the same point always goes to the same shard.
+    """
+    with np.errstate(over="ignore"):
+        z = (np.asarray(i, np.uint64) << np.uint64(32)) ^ np.asarray(j, np.uint64)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z % np.uint64(n_shards)).astype(np.int64)
+
+
+def shard_data(pieces, index: int, n_shards: int, n_bins: int) -> ShardData:
+    """Collect shard ``index``'s points (see :func:`shard_of`) from per-tile lattices.
+
+    Parameters
+    ----------
+    pieces : list of dict
+        From :func:`tile_lattice`.
+    index, n_shards : int
+    n_bins : int
+        Bins of the whole fit (n_q · n_phi).
+    """
+    by_q: dict[int, list] = {}
+    for piece in pieces:
+        keep = shard_of(piece["i"], piece["j"], n_shards) == index
+        if keep.any():
+            by_q.setdefault(piece["q_pos"], []).append(
+                (piece, piece["t1"][keep], piece["t2"][keep], piece["y"][:, keep]))
     groups = []
     n = np.zeros(n_bins)
     syy = np.zeros(n_bins)
     for iq in sorted(by_q):
         parts = by_q[iq]
-        tile = parts[0][0]
+        first = parts[0][0]
         y = np.concatenate([p[3] for p in parts], axis=1).astype(float)
-        bins = tile.bin_start + np.arange(y.shape[0])
+        bins = first["bin_start"] + np.arange(y.shape[0])
         yc = y - y.mean(axis=1, keepdims=True)
         n[bins] = y.shape[1]
         syy[bins] = (yc * yc).sum(axis=1)
         t1 = np.concatenate([p[1] for p in parts])
         t2 = np.concatenate([p[2] for p in parts])
-        groups.append(dict(q=float(tile.q), phi=np.asarray(tile.phi, float), t1=t1, t2=t2,
-                           yc=yc, bins=bins))
+        groups.append(dict(q=first["q"], phi=first["phi"], t1=t1, t2=t2, yc=yc, bins=bins))
     return ShardData(groups=groups, n=n, syy=syy)
 
 
@@ -293,7 +421,6 @@ class ShardSpec:
     L: float
     var: np.ndarray  # (n_bins,)
     n_bins: int
-    thin: int
     w_start: np.ndarray  # (p,) from the least-squares fit
     warmup: int
     samples: int
@@ -346,19 +473,40 @@ def _standardisation(spec: ShardSpec, data: ShardData):
     return w0, scale, corr
 
 
-def run_shard(spec: ShardSpec, tiles) -> dict:
+def _starts(spec, data, centre, scale, corr) -> np.ndarray:
+    """Over-dispersed starts, one per chain: ~1 posterior sd around the least-squares
+    point (so that R-hat can see chains that have not met), pulled in until the log
+    target is finite there."""
+    import jax
+
+    f = jax.jit(lambda w: log_target(w, spec, data))
+    rng = np.random.default_rng([spec.seed, spec.index])
+    chol = np.linalg.cholesky(corr)
+    out = []
+    for _ in range(spec.chains):
+        z = rng.normal(0.0, 1.0, size=corr.shape[0]) @ chol.T
+        for _ in range(30):
+            if np.isfinite(float(f(centre + scale * z))):
+                break
+            z = 0.5 * z
+        out.append(z)
+    return np.asarray(out)
+
+
+def run_shard(spec: ShardSpec, pieces) -> dict:
     """Worker task: NUTS on one shard; returns its draws and sampler statistics.
 
     Parameters
     ----------
     spec : ShardSpec
-    tiles : list of :class:`~xpcsfit._kernel.Tile`
-        The shard's tiles (angle-complete: each holds every phi of its q).
+    pieces : list of dict
+        Lattice points of every tile (:func:`tile_lattice`); the shard keeps its own
+        (:func:`shard_of`), each with all its phi (angle-complete).
 
     Returns
     -------
     dict with ``w`` and ``theta`` (chains, samples, p), ``diverging`` (chains, samples),
-    ``num_steps`` (chains, samples), step size, points, tiles, worker, wall time.
+    ``num_steps`` (chains, samples), step size, points, worker, wall time.
     """
     started = time.perf_counter()
     import jax
@@ -369,7 +517,7 @@ def run_shard(spec: ShardSpec, tiles) -> dict:
     from numpyro.infer import MCMC, NUTS
 
     numpyro.enable_x64()
-    data = shard_data(tiles, spec.thin, spec.n_bins)
+    data = shard_data(pieces, spec.index, spec.n_shards, spec.n_bins)
     p = len(spec.coords.names)
     centre, scale, corr = _standardisation(spec, data)
     centre_j, scale_j = jnp.asarray(centre), jnp.asarray(scale)
@@ -378,10 +526,7 @@ def run_shard(spec: ShardSpec, tiles) -> dict:
         z = numpyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), event_shape=(p,)))
         numpyro.factor("log_target", log_target(centre_j + scale_j * z, spec, data))
 
-    rng = np.random.default_rng([spec.seed, spec.index])
-    # Over-dispersed starts (±1 posterior sd around the least-squares point), so that
-    # R-hat can see chains that have not met.
-    z0 = rng.normal(0.0, 1.0, size=(spec.chains, p)) @ np.linalg.cholesky(corr).T
+    z0 = _starts(spec, data, centre, scale, corr)
     kernel = NUTS(model, dense_mass=True, inverse_mass_matrix={("z",): jnp.asarray(corr)},
                   target_accept_prob=spec.target_accept, max_tree_depth=10)
     mcmc = MCMC(kernel, num_warmup=spec.warmup, num_samples=spec.samples, num_chains=spec.chains,
@@ -408,8 +553,6 @@ def run_shard(spec: ShardSpec, tiles) -> dict:
         "num_steps": np.asarray(extra["num_steps"]).reshape(spec.chains, spec.samples),
         "step_size": np.asarray(extra["adapt_state.step_size"]).reshape(spec.chains, spec.samples)[:, -1],
         "n_points": data.n_points,
-        "n_tiles": len(tiles),
-        "tiles": [tuple(int(v) for v in t.index) for t in tiles],
         "worker": worker,
         "wall_time_s": time.perf_counter() - started,
     }

@@ -27,13 +27,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._kernel import ParameterLayout, Tile, tile_model
+from ._kernel import ParameterLayout, tile_model
 
 MAX_LAG = 64  # frames
 
 
-def tile_noise_sums(tile: Tile, x, layout: ParameterLayout, mode: str, L: float, max_lag: int) -> dict:
+def tile_noise_sums(tile, x, layout: ParameterLayout, mode: str, L: float, max_lag: int) -> dict:
     """Worker task: residual sums of one tile at the least-squares optimum x.
+
+    ``tile`` is a :class:`~xpcsfit._tiles.TileSpec` (loaded here) or a loaded
+    :class:`~xpcsfit._kernel.Tile`.
 
     Returns
     -------
@@ -41,6 +44,8 @@ def tile_noise_sums(tile: Tile, x, layout: ParameterLayout, mode: str, L: float,
     ``acf`` (n_phi, 2W+1, 2W+1) Σ r(i,j)·r(i+a, j+b) and ``pairs`` (2W+1, 2W+1) the
     number of pairs, lags a, b = -W … W (W = ``max_lag``).
     """
+    if hasattr(tile, "load"):
+        tile = tile.load()
     model = tile_model(tile, x, layout, mode, L)
     w = tile.weight
     r = (tile.c2.astype(float) - model) * w[None]

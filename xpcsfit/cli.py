@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import _cmc_cli
 from ._errors import XpcsfitError
 
 
@@ -95,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     _fit_parser(sub)
     _ingest_parser(sub)
     _simulate_parser(sub)
+    _cmc_cli.add_parser(sub)
     return parser
 
 
-_RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate}
+_RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate, "cmc": _cmc_cli.run}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,86 @@
+"""Wall time of ``xpcsfit cmc`` on flow_small (q index 8, laminar_flow) with K = 4 and 8.
+
+Each run is the whole command as a user runs it: LocalCluster start (2 workers unless
+--workers), least-squares fit, noise pass, K NUTS shards, combination, outputs. Printed
+per K: wall time, points per shard, per-shard sampling time, R-hat / bulk ESS /
+divergences, and J(t), gamma_dot(t) at 5, 10, 25 s against the truth of the file.
+
+    .venv/bin/python benchmarks/bench_cmc.py [--shards 4 8] [--thin 4] [--warmup 500]
+                                             [--samples 500] [--chains 2] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flow_small.hdf"
+TRUTH = {"J": 2.0e4, "gamma_dot": 2.0e-4}  # J = 2 D_SE, steady shear (shared/data/README.md)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DATA if DATA.exists() else "/work/shared/data/flow_small.hdf"))
+    ap.add_argument("--shards", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--thin", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--samples", type=int, default=500)
+    ap.add_argument("--chains", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2)
+    a = ap.parse_args()
+
+    from xpcsfit._cluster import local_cluster
+    from xpcsfit._cmc_cli import add_parser, run
+
+    print(f"flow_small q index 8, laminar_flow (7 parameters free); thin {a.thin}, {a.chains} chains × "
+          f"({a.warmup} warm-up + {a.samples}) per shard; {a.workers} workers × 1 thread; {os.cpu_count()} cores")
+    parser = argparse.ArgumentParser(prog="xpcsfit")
+    add_parser(parser.add_subparsers(dest="command"))
+    t_eval = np.array([5.0, 10.0, 25.0])
+    for K in a.shards:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "cmc"
+            started = time.perf_counter()
+            with local_cluster(a.workers) as cluster:
+                address = cluster.scheduler_address
+                args = parser.parse_args([
+                    "cmc", a.data, "--q-index", "8", "--gap", "2e6", "--shards", str(K), "--thin", str(a.thin),
+                    "--warmup", str(a.warmup), "--samples", str(a.samples), "--chains", str(a.chains),
+                    "--out", str(out), "--scheduler", address, "--quiet"])
+                code = run(args)
+            wall = time.perf_counter() - started
+            import json
+
+            s = json.loads((out / "summary.json").read_text())
+            import xarray as xr
+
+            post = xr.open_zarr(out / "posterior.zarr", consolidated=False)
+            draws = post["draws"].values.reshape(-1, post.sizes["parameter"])
+        names = list(post["parameter"].values)
+        p = dict(zip(names, draws.T))
+        J = p["D0"][:, None] * t_eval ** p["alpha"][:, None] + p["D_offset"][:, None]
+        g = p["gamma_dot_t0"][:, None] * t_eval ** p["beta"][:, None] + p["gamma_dot_t_offset"][:, None]
+        print(f"\n=== K = {K}: wall time {wall:.1f} s (cluster start + LSQ fit + shards + combination + "
+              f"outputs; exit code {code}) ===")
+        for sh in s["shards"]:
+            print(f"  {sh['name']}: {sh.get('n_points', 0):,} points, {sh.get('wall_time_s', float('nan')):.0f} s, "
+                  f"R-hat max {sh.get('r_hat_max', float('nan')):.3f}, bulk ESS min "
+                  f"{sh.get('ess_bulk_min', float('nan')):.0f}, {sh.get('divergences', '?')} divergences, "
+                  f"{'passed' if sh['passed'] else 'FAILED'}")
+        c = s["combined"]
+        print(f"  combined: R-hat max {c['r_hat_max']:.3f}, bulk ESS min {c['ess_bulk_min']:.0f}, "
+              f"noise inflation kappa {s['likelihood']['noise']['kappa'][0]:.2f}")
+        for key, v in (("J", J), ("gamma_dot", g)):
+            for i, t in enumerate(t_eval):
+                m, sd = v[:, i].mean(), v[:, i].std()
+                print(f"  {key}({t:g} s) = {m:.5g} ± {sd:.3g}  (truth {TRUTH[key]:.3g}: "
+                      f"{(m - TRUTH[key]) / sd:+.2f} sd; sd/mean {sd / abs(m):.3f})")
+
+
+if __name__ == "__main__":
+    main()

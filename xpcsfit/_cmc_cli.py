@@ -1,0 +1,67 @@
+"""``xpcsfit cmc``: the command-line front of :func:`xpcsfit._cmc.cmc`.
+
+``add_parser(subparsers)`` adds the subcommand; ``run(args)`` runs it and returns the
+exit code. XpcsfitError propagates (the CLI's main turns it into one line and a code).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(subparsers):
+    """Add the ``cmc`` subcommand to an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "cmc", help="posterior by Consensus Monte Carlo: NUTS shards on Dask, combined",
+        description="Bayesian uncertainties: K angle-complete shards of the data, each one NumPyro "
+                    "NUTS task on the Dask cluster (prior raised to 1/K), combined by consensus "
+                    "Monte Carlo (Scott et al. 2016).")
+    p.add_argument("input", help="APS-U / legacy HDF5 result file, or a store from `xpcsfit ingest`")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--q", type=float, nargs="+", metavar="VALUE", help="q value(s), 1/Å (nearest bin)")
+    sel.add_argument("--q-index", type=int, nargs="+", metavar="K", help="position(s) in the file's q grid")
+    p.add_argument("--phi", type=float, nargs="+", metavar="DEG", help="subset of phi bins, degrees")
+    p.add_argument("--frames", type=int, nargs=2, metavar=("A", "B"), help="inclusive frame range")
+    p.add_argument("--dt", type=float, help="override the file's time step, s")
+    p.add_argument("--mode", help="static or laminar_flow (default: the fit's, else laminar_flow)")
+    p.add_argument("--gap", type=float, metavar="L_ANGSTROM", help="gap L, Å (default: the fit's, else 2.0e6)")
+    p.add_argument("--config", help="YAML file of fit settings (bounds; used by the least-squares fit too)")
+    p.add_argument("--shards", type=int, metavar="K", help="number of shards (default: from the data size)")
+    p.add_argument("--warmup", type=int, default=500, metavar="N", help="NUTS warm-up iterations (default 500)")
+    p.add_argument("--samples", type=int, default=500, metavar="N", help="draws per chain (default 500)")
+    p.add_argument("--chains", type=int, default=2, metavar="C", help="chains per shard (default 2)")
+    p.add_argument("--thin", type=int, metavar="S",
+                   help="condition on every S-th frame in t1 and t2 (default 2)")
+    p.add_argument("--combine", default="consensus", choices=("consensus", "parametric"),
+                   help="sample-wise consensus (default) or the Gaussian product of the shards")
+    p.add_argument("--from-fit", metavar="FIT_JSON",
+                   help="fit.json (or its directory) to start from; default: run the least-squares fit first")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="result directory (default ./<input name>_cmc)")
+    p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def run(args) -> int:
+    """Run ``xpcsfit cmc``; 0 when every shard passed its diagnostics, 5 otherwise."""
+    from ._cmc import cmc
+
+    out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.input).name.split('.')[0]}_cmc"
+    result = cmc(args.input, q=args.q, q_index=args.q_index, phi=args.phi,
+                 frames=tuple(args.frames) if args.frames else None, dt=args.dt, mode=args.mode,
+                 gap=args.gap, config=args.config, shards=args.shards, warmup=args.warmup,
+                 samples=args.samples, chains=args.chains, thin=args.thin, combine=args.combine,
+                 from_fit=args.from_fit, seed=args.seed, out=out, scheduler=args.scheduler,
+                 progress=not args.quiet)
+    s = result.summary
+    if args.quiet:  # the progress lines already carry the table otherwise
+        print(f"{'parameter':<20}{'mean':>14}{'sd':>12}{'q03':>14}{'q97':>14}{'r_hat':>8}{'ess':>7}")
+        for name, p in s["parameters"].items():
+            print(f"{name:<20}{p['mean']:>14.6g}{p['sd']:>12.3g}{p['q03']:>14.6g}{p['q97']:>14.6g}"
+                  f"{p['r_hat']:>8.3f}{p['ess_bulk']:>7.0f}")
+    failing = s["shards_failing_diagnostics"]
+    print(f"{len(s['shards'])} shards, {len(failing)} failing diagnostics"
+          + (f" ({', '.join(failing)}; see summary.json)" if failing else "")
+          + f"; {s['wall_time_s']:.0f} s; results in {out}")
+    return 5 if failing else 0
