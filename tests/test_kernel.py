@@ -42,3 +42,15 @@ def test_tiles_below_diagonal_are_skipped_and_points_counted():
     # 3 × 3 tile grid per q: 6 tiles on or above the diagonal, 2 q.
     assert len(ev.tiles) == 12
     assert sum(t.n_points for t in ev.tiles) == 2 * 3 * 70 * 69 // 2
+
+
+@pytest.mark.parametrize("n_workers", [1, 2, 3, 7, 50])
+def test_parts_are_subtrees_so_sums_do_not_depend_on_workers(n_workers):
+    from xpcsfit._evaluator import part_size, tree_sum
+
+    rng = np.random.default_rng(0)
+    values = [rng.normal(size=5) * 10.0 ** rng.integers(-8, 8) for _ in range(613)]
+    size = part_size(len(values), n_workers)
+    parts = [tree_sum(values[i : i + size]) for i in range(0, len(values), size)]
+    assert len(parts) >= min(n_workers, len(values))
+    assert np.array_equal(tree_sum(parts), tree_sum(values))  # bit for bit

@@ -4,10 +4,13 @@ Both evaluators present ``normal_equations(x)`` and ``costs(xs)`` to the solver 
 count their data passes; neither knows anything of trust regions.
 
 - :class:`InProcessEvaluator` holds the tiles in this process (tests, small data).
-- :class:`DaskEvaluator` loads the tiles onto dask.distributed workers once, holds them
-  there as futures, and per pass sends only x (broadcast once per worker) and gets back
-  one reduced set of sums (O(p²) numbers per tile, tree-reduced on the workers in a
-  fixed order, so the result does not depend on the number of workers).
+- :class:`DaskEvaluator` groups the tiles into parts, loads each part onto a
+  dask.distributed worker once (or streams it from its source every pass), and per pass
+  sends only x (broadcast once per worker) and gets back one set of sums per part.
+
+Sums are added over a fixed tree (groups of :data:`FAN_IN` tiles, then groups of FAN_IN
+of those, …). A part is an aligned subtree of it, so the result is bit for bit the same
+whatever the number of parts or workers, and in process.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from ._kernel import BlockSums, ParameterLayout, Tile, tile_block_sums, tile_cos
 from ._solver import NormalEquations
 from ._tiles import TileSpec
 
-_FAN_IN = 8
+FAN_IN = 8
 
 
 def _to_normal_equations(sums: BlockSums) -> NormalEquations:
@@ -31,8 +34,12 @@ def _to_normal_equations(sums: BlockSums) -> NormalEquations:
     return NormalEquations(jtj=jtj, jtr=jtr, cost=float(sums.cost), n=int(sums.n))
 
 
-def _sum(*parts):
-    return reduce(add, parts)
+def tree_sum(values: list):
+    """Sum ``values`` over the fixed reduction tree: groups of FAN_IN, left to right."""
+    level = list(values)
+    while len(level) > 1:
+        level = [reduce(add, level[i : i + FAN_IN]) for i in range(0, len(level), FAN_IN)]
+    return level[0]
 
 
 def merge_lag_sums(parts, n_bins: int, n_phi: int, n_lags: int, bin_starts):
@@ -67,14 +74,14 @@ class InProcessEvaluator:
 
     def block_sums(self, x) -> BlockSums:
         self.normal_passes += 1
-        return _sum(*[tile_block_sums(t, x, self.layout, self.mode, self.L) for t in self.tiles])
+        return tree_sum([tile_block_sums(t, x, self.layout, self.mode, self.L) for t in self.tiles])
 
     def normal_equations(self, x) -> NormalEquations:
         return _to_normal_equations(self.block_sums(x))
 
     def costs(self, xs) -> np.ndarray:
         self.cost_passes += 1
-        return np.sum([tile_costs(t, xs, self.layout, self.mode, self.L) for t in self.tiles], axis=0)
+        return tree_sum([tile_costs(t, xs, self.layout, self.mode, self.L) for t in self.tiles])
 
     def lag_sums(self, n_lags: int):
         parts = [tile_lag_sums(t) for t in self.tiles]
@@ -96,10 +103,36 @@ def kernel_compilations() -> int:
     return sum(f._cache_size() for f in (_tile_block_sums, _tile_costs, _tile_model))
 
 
-def _on_tile(func, item, *args):
-    """Worker task: ``func(tile, *args)``, loading the tile first when streaming."""
-    tile = item.load() if isinstance(item, TileSpec) else item
-    return func(tile, *args)
+def _load_part(specs: list[TileSpec]) -> list[Tile]:
+    """Worker task: load the tiles of one part (held storage)."""
+    return [s.load() for s in specs]
+
+
+def _part_sum(func, part: list, *args):
+    """Worker task: ``func(tile, *args)`` over one part's tiles, tree-summed.
+
+    A streamed part (specs) loads one tile at a time, so a worker holds one tile plus
+    the small per-tile sums whatever the part's size.
+    """
+    return tree_sum([func(t.load() if isinstance(t, TileSpec) else t, *args) for t in part])
+
+
+def _part_map(func, part: list, *args) -> list:
+    """Worker task: ``[func(tile, *args) for tile in part]`` (loading streamed tiles)."""
+    return [func(t.load() if isinstance(t, TileSpec) else t, *args) for t in part]
+
+
+def part_size(n_tiles: int, n_workers: int) -> int:
+    """Tiles per part: the largest power of FAN_IN that still gives every worker a part.
+
+    Parts are aligned subtrees of the reduction tree (see :func:`tree_sum`), and the
+    number of tasks per pass stays near the number of workers however many tiles
+    (points) there are.
+    """
+    size = 1
+    while size < n_tiles and -(-n_tiles // (size * FAN_IN)) >= max(1, n_workers):
+        size *= FAN_IN
+    return size
 
 
 class DaskEvaluator:
@@ -120,6 +153,14 @@ class DaskEvaluator:
         hold when the padded tiles take at most :data:`HOLD_FRACTION` of the workers'
         summed memory limit, else stream.
 
+    Notes
+    -----
+    The tiles are grouped into parts of :func:`part_size` consecutive tiles, each part
+    placed on one worker (round robin; a part whose worker dies is reloaded elsewhere by
+    Dask). One pass is one task per part: x goes out once per worker, one set of sums
+    per part comes back, so the bytes and scheduler messages per pass depend on the
+    number of workers, not on the number of points.
+
     Raises
     ------
     XpcsfitError
@@ -136,20 +177,29 @@ class DaskEvaluator:
         self.layout, self.mode, self.L = layout, mode, float(L)
         self.normal_passes = 0
         self.cost_passes = 0
+        self.other_passes = 0
         self.pass_seconds: list[float] = []
         self.bytes_to_workers = 0
         self.bytes_from_workers = 0
         self._token = uuid.uuid4().hex[:8]
+        self.n_tiles = len(specs)
         self.tile_bytes = sum(s.nbytes for s in specs)
         self.storage = self._choose_storage(storage)
         self.bin_starts = [s.bin_start for s in specs]
-        if self.storage == "held":
-            self.tiles = [client.submit(TileSpec.load, s, key=f"xpcsfit-load-tile-{self._token}-{i}")
-                          for i, s in enumerate(specs)]
-        else:
-            self.tiles = client.scatter(list(specs), hash=False)
-        wait(self.tiles)
-        for f in self.tiles:
+        workers = sorted(client.scheduler_info()["workers"])
+        size = part_size(len(specs), len(workers))
+        groups = [list(specs[i : i + size]) for i in range(0, len(specs), size)]
+        self.parts = []
+        for i, group in enumerate(groups):
+            where = dict(workers=[workers[i % len(workers)]], allow_other_workers=True) if workers else {}
+            if self.storage == "held":
+                self.parts.append(client.submit(_load_part, group, key=f"xpcsfit-load-part-{self._token}-{i}",
+                                                **where))
+            else:
+                scatter_to = {"workers": where["workers"]} if workers else {}
+                self.parts.append(client.scatter([group], hash=False, **scatter_to)[0])
+        wait(self.parts)
+        for f in self.parts:
             if f.status == "error":
                 f.result()  # re-raises the load's exception here
         # Compile counters are per worker process and cumulative; keep the baseline so the
@@ -177,22 +227,15 @@ class DaskEvaluator:
         x = np.asarray(x, float)
         self.bytes_to_workers += x.nbytes * self.n_workers
         x_future = self.client.scatter(x, broadcast=True, hash=False)
-        prefix = f"xpcsfit-{name}-{self._token}-{pass_id}"
-        level = [
-            self.client.submit(_on_tile, func, tile, x_future, self.layout, self.mode, self.L,
-                               key=f"{prefix}-tile-{i}")
-            for i, tile in enumerate(self.tiles)
+        futures = [
+            self.client.submit(_part_sum, func, part, x_future, self.layout, self.mode, self.L,
+                               key=f"xpcsfit-{name}-{self._token}-{pass_id}-part-{i}")
+            for i, part in enumerate(self.parts)
         ]
-        depth = 0
-        while len(level) > 1:
-            level = [
-                self.client.submit(_sum, *level[i : i + _FAN_IN], key=f"{prefix}-reduce-{depth}-{i}")
-                for i in range(0, len(level), _FAN_IN)
-            ]
-            depth += 1
-        result = level[0].result()
-        self.bytes_from_workers += _nbytes(result)
-        del x_future
+        sums = self.client.gather(futures)
+        self.bytes_from_workers += sum(_nbytes(s) for s in sums)
+        result = tree_sum(sums)
+        del x_future, futures
         self.pass_seconds.append(time.perf_counter() - started)
         if self._compiled_when_warm is None and self.normal_passes and self.cost_passes:
             self._compiled_when_warm = self.compilations()  # every kernel has run once
@@ -214,11 +257,15 @@ class DaskEvaluator:
         return merge_lag_sums(parts, self.layout.n_bins, self.layout.n_phi, n_lags, self.bin_starts)
 
     def map_tiles(self, func, *args):
-        """Run ``func(tile, *args)`` on the workers for every tile; gather results in order."""
-        futures = [self.client.submit(_on_tile, func, t, *args,
-                                      key=f"xpcsfit-{func.__name__}-{self._token}-{i}")
-                   for i, t in enumerate(self.tiles)]
-        return self.client.gather(futures)
+        """Run ``func(tile, *args)`` on the workers for every tile; results in tile order.
+
+        Counted as a data pass outside the solver (start values, fitted output).
+        """
+        self.other_passes += 1
+        futures = [self.client.submit(_part_map, func, part, *args,
+                                      key=f"xpcsfit-{func.__name__}-{self._token}-{self.other_passes}-{i}")
+                   for i, part in enumerate(self.parts)]
+        return [r for results in self.client.gather(futures) for r in results]
 
     def compilations(self) -> dict:
         """Compiled kernel variants per worker address (cumulative over the process)."""
@@ -234,11 +281,13 @@ class DaskEvaluator:
         now = self.compilations()
         warm = self._compiled_when_warm or now
         return {
-            "n_tiles": len(self.tiles),
+            "n_tiles": self.n_tiles,
+            "n_parts": len(self.parts),
             "storage": self.storage,
             "tile_bytes_total": int(self.tile_bytes),
             "normal_passes": self.normal_passes,
             "cost_passes": self.cost_passes,
+            "other_passes": self.other_passes,
             "pass_seconds": [round(v, 4) for v in self.pass_seconds],
             "bytes_to_workers_per_pass": self.bytes_to_workers / passes,
             "bytes_from_workers_per_pass": self.bytes_from_workers / passes,
@@ -247,9 +296,8 @@ class DaskEvaluator:
         }
 
     def close(self):
-        self.client.cancel(self.tiles)
-        self.tiles = []
-
+        self.client.cancel(self.parts)
+        self.parts = []
 
 def _nbytes(value) -> int:
     if isinstance(value, np.ndarray):

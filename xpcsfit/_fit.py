@@ -95,7 +95,9 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     specs = plan_tiles(ds, size)
     n_points = count_points(ds)
     layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
-    _say(progress, f"xpcsfit: {cfg.mode} fit of {ds.attrs['source']}: {ds.sizes['q']} q × "
+    what = str(input) if Path(str(input)).name == Path(ds.attrs["source"]).name \
+        else f"{input} (ingested from {ds.attrs['source']})"
+    _say(progress, f"xpcsfit: {cfg.mode} fit of {what}: {ds.sizes['q']} q × "
                    f"{ds.sizes['phi']} phi × {ds.sizes['t1']} frames = {n_points:,} points "
                    f"in {len(specs)} tiles of {size} frames")
 
@@ -105,7 +107,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     with dask_client(client, scheduler, on_start=announce) as cl:
         evaluator = DaskEvaluator(cl, specs, layout, cfg.mode, L, storage=cfg.memory)
         _say(progress, f"xpcsfit: tiles {evaluator.storage} on {evaluator.n_workers} workers "
-                       f"({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
+                       f"in {len(evaluator.parts)} parts ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
         try:
             result = _solve(evaluator, ds, cfg, layout, L, progress)
             cluster = f"{cl.scheduler.address} ({evaluator.n_workers} workers)"

@@ -38,7 +38,11 @@ class FitResult:
     dof, n_points : int
     converged : bool
     termination : str
-    iterations, data_passes : int
+    iterations : int
+    data_passes : int
+        Passes over the data made by the solver (normal-equation and cost passes). The
+        pass for the start values and the one writing the fitted c2 come on top; they
+        are counted in ``engine["other_passes"]``.
     wall_time_s : float
     transport : dict
         ``t`` (s) over the fitted window and J(t) (Å²/s), gamma_dot(t) (1/s) with their
@@ -49,8 +53,9 @@ class FitResult:
         Final and starting solver vectors and the bounds, over all parameters
         (physics, contrast per bin, offset per bin).
     engine : dict
-        What the engine did: tile size, tiles, held or streamed, passes, seconds per
-        pass, bytes to/from the workers per pass, compiled kernels per worker.
+        What the engine did: tile size, tiles and parts, held or streamed, passes,
+        seconds per solver pass, bytes to/from the workers per pass, kernels compiled
+        per worker during the fit and after every kernel had run once.
     """
 
     mode: str

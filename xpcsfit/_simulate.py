@@ -101,10 +101,15 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
 
     def band_of(iq, ip):
         def band(a, b):
-            model = c2_model(theta, np.array([contrast]), np.array([offset]), mode, q[iq], gap,
-                             phis[ip : ip + 1], t[a:b], t)[0]
+            # Columns from the band's first row on: the writer keeps the upper triangle
+            # only, so the model is never evaluated far below the diagonal, where its
+            # integrals turn negative and exp overflows.
+            model = np.asarray(c2_model(theta, np.array([contrast]), np.array([offset]), mode, q[iq],
+                                        gap, phis[ip : ip + 1], t[a:b], t[a:])[0])
             rng = np.random.default_rng([seed, iq, ip, a])
-            return np.asarray(model) + noise * rng.standard_normal(model.shape)
+            out = np.zeros((b - a, t.size))
+            out[:, a:] = model + noise * rng.standard_normal(model.shape)
+            return out
 
         return band
 
