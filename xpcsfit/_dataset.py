@@ -119,7 +119,9 @@ def validate_finite(ds: xr.Dataset) -> None:
         chunks=(arr.chunks[0], arr.chunks[1], (1,) * len(n_t1), (1,) * len(n_t2)),
         dtype=bool,
     ).any(axis=(2, 3))
-    hits = np.argwhere(np.asarray(bad.compute()))
+    # Read here, not on a cluster: a check before any fit work, and cheap at the sizes
+    # open_dataset checks eagerly.
+    hits = np.argwhere(np.asarray(bad.compute(scheduler="threads")))
     if hits.size:
         iq, ip = hits[0]
         raise _nonfinite_error(ds.attrs.get("source", "?"), ds["q"].values[iq], ds["phi"].values[ip])

@@ -26,7 +26,7 @@ from ._kernel import BlockSums, ParameterLayout, Tile, tile_block_sums, tile_cos
 from ._solver import NormalEquations
 from ._tiles import TileSpec
 
-FAN_IN = 8
+FAN_IN = 2
 
 
 def _to_normal_equations(sums: BlockSums) -> NormalEquations:
@@ -122,15 +122,20 @@ def _part_map(func, part: list, *args) -> list:
     return [func(t.load() if isinstance(t, TileSpec) else t, *args) for t in part]
 
 
+PARTS_PER_WORKER = 2
+
+
 def part_size(n_tiles: int, n_workers: int) -> int:
-    """Tiles per part: the largest power of FAN_IN that still gives every worker a part.
+    """Tiles per part: the largest power of FAN_IN that leaves PARTS_PER_WORKER parts
+    per worker (for balance), or 1.
 
     Parts are aligned subtrees of the reduction tree (see :func:`tree_sum`), and the
-    number of tasks per pass stays near the number of workers however many tiles
-    (points) there are.
+    number of tasks per pass is at most about FAN_IN·PARTS_PER_WORKER per worker
+    however many tiles (points) there are.
     """
     size = 1
-    while size < n_tiles and -(-n_tiles // (size * FAN_IN)) >= max(1, n_workers):
+    wanted = PARTS_PER_WORKER * max(1, n_workers)
+    while -(-n_tiles // (size * FAN_IN)) >= wanted:
         size *= FAN_IN
     return size
 
@@ -187,6 +192,7 @@ class DaskEvaluator:
         self.storage = self._choose_storage(storage)
         self.bin_starts = [s.bin_start for s in specs]
         workers = sorted(client.scheduler_info()["workers"])
+        self.n_workers = max(1, len(workers))  # at the start; x goes to each once per pass
         size = part_size(len(specs), len(workers))
         groups = [list(specs[i : i + size]) for i in range(0, len(specs), size)]
         self.parts = []
@@ -217,9 +223,6 @@ class DaskEvaluator:
             return "held"  # no memory limit set on the workers
         return "held" if self.tile_bytes <= self.HOLD_FRACTION * sum(limits) else "streamed"
 
-    @property
-    def n_workers(self) -> int:
-        return max(1, len(self.client.scheduler_info()["workers"]))
 
     def _pass(self, name: str, func, x):
         started = time.perf_counter()
