@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._cli_args import add_selection
+
 
 def add_parser(subparsers):
     """Add the ``cmc`` subcommand to an argparse subparsers object; returns its parser."""
@@ -16,13 +18,7 @@ def add_parser(subparsers):
         description="Bayesian uncertainties: K angle-complete shards of the data, each one NumPyro "
                     "NUTS task on the Dask cluster (prior raised to 1/K), combined by consensus "
                     "Monte Carlo (Scott et al. 2016).")
-    p.add_argument("input", help="APS-U / legacy HDF5 result file, or a store from `xpcsfit ingest`")
-    sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--q", type=float, nargs="+", metavar="VALUE", help="q value(s), 1/Å (nearest bin)")
-    sel.add_argument("--q-index", type=int, nargs="+", metavar="K", help="position(s) in the file's q grid")
-    p.add_argument("--phi", type=float, nargs="+", metavar="DEG", help="subset of phi bins, degrees")
-    p.add_argument("--frames", type=int, nargs=2, metavar=("A", "B"), help="inclusive frame range")
-    p.add_argument("--dt", type=float, help="override the file's time step, s")
+    add_selection(p)
     p.add_argument("--mode", help="static or laminar_flow (default: the fit's, else laminar_flow)")
     p.add_argument("--gap", type=float, metavar="L_ANGSTROM", help="gap L, Å (default: the fit's, else 2.0e6)")
     p.add_argument("--config", help="YAML file of fit settings (bounds; used by the least-squares fit too)")

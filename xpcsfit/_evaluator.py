@@ -108,6 +108,14 @@ def _load_part(specs: list[TileSpec]) -> list[Tile]:
     return [s.load() for s in specs]
 
 
+def _keep_part(specs: list[TileSpec]) -> list[TileSpec]:
+    """Worker task: keep the specs of one part (streamed storage).
+
+    A task rather than a scatter, so that Dask can recompute it if its worker dies.
+    """
+    return specs
+
+
 def _part_sum(func, part: list, *args):
     """Worker task: ``func(tile, *args)`` over one part's tiles, tree-summed.
 
@@ -162,7 +170,7 @@ class DaskEvaluator:
     -----
     The tiles are grouped into parts of :func:`part_size` consecutive tiles, each part
     placed on one worker (round robin; a part whose worker dies is reloaded elsewhere by
-    Dask). One pass is one task per part: x goes out once per worker, one set of sums
+    Dask). One pass is one task per part: x goes out inside each task, one set of sums
     per part comes back, so the bytes and scheduler messages per pass depend on the
     number of workers, not on the number of points.
 
@@ -192,18 +200,14 @@ class DaskEvaluator:
         self.storage = self._choose_storage(storage)
         self.bin_starts = [s.bin_start for s in specs]
         workers = sorted(client.scheduler_info()["workers"])
-        self.n_workers = max(1, len(workers))  # at the start; x goes to each once per pass
+        self.n_workers = max(1, len(workers))  # at the start
         size = part_size(len(specs), len(workers))
         groups = [list(specs[i : i + size]) for i in range(0, len(specs), size)]
         self.parts = []
+        place = _load_part if self.storage == "held" else _keep_part
         for i, group in enumerate(groups):
             where = dict(workers=[workers[i % len(workers)]], allow_other_workers=True) if workers else {}
-            if self.storage == "held":
-                self.parts.append(client.submit(_load_part, group, key=f"xpcsfit-load-part-{self._token}-{i}",
-                                                **where))
-            else:
-                scatter_to = {"workers": where["workers"]} if workers else {}
-                self.parts.append(client.scatter([group], hash=False, **scatter_to)[0])
+            self.parts.append(client.submit(place, group, key=f"xpcsfit-part-{self._token}-{i}", **where))
         wait(self.parts)
         for f in self.parts:
             if f.status == "error":
@@ -227,18 +231,17 @@ class DaskEvaluator:
     def _pass(self, name: str, func, x):
         started = time.perf_counter()
         pass_id = self.normal_passes + self.cost_passes
-        x = np.asarray(x, float)
-        self.bytes_to_workers += x.nbytes * self.n_workers
-        x_future = self.client.scatter(x, broadcast=True, hash=False)
+        x = np.asarray(x, float)  # small (P or 4 × P numbers): sent inside each part's task
+        self.bytes_to_workers += x.nbytes * len(self.parts)
         futures = [
-            self.client.submit(_part_sum, func, part, x_future, self.layout, self.mode, self.L,
+            self.client.submit(_part_sum, func, part, x, self.layout, self.mode, self.L,
                                key=f"xpcsfit-{name}-{self._token}-{pass_id}-part-{i}")
             for i, part in enumerate(self.parts)
         ]
         sums = self.client.gather(futures)
         self.bytes_from_workers += sum(_nbytes(s) for s in sums)
         result = tree_sum(sums)
-        del x_future, futures
+        del futures
         self.pass_seconds.append(time.perf_counter() - started)
         if self._compiled_when_warm is None and self.normal_passes and self.cost_passes:
             self._compiled_when_warm = self.compilations()  # every kernel has run once

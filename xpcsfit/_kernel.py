@@ -190,17 +190,15 @@ def _tile_block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mod
     p = theta.shape[0]
     G, dG = g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2)
     G = jnp.broadcast_to(G, c2.shape)
-    dG = jnp.broadcast_to(dG, c2.shape + (p,))
+    dG = jnp.broadcast_to(dG, (n_phi, p) + c2.shape[1:])
     r = (offset[:, None, None] + contrast[:, None, None] * G - c2) * weight
-    # Per bin, the augmented columns X_k = [contrast_k ∂G/∂θ, G, 1] (weighted); one
-    # batched Gram product X_kᵀX_k gives A (summed over k), B_k and C_k at once.
-    w = jnp.broadcast_to(weight, c2.shape)[..., None]
-    X = jnp.concatenate(
-        [contrast[:, None, None, None] * dG, G[..., None], jnp.ones_like(G)[..., None]], axis=-1
-    ) * w
-    X = X.reshape(n_phi, -1, p + 2)
-    M = jnp.matmul(jnp.swapaxes(X, 1, 2), X)  # (n_phi, p+2, p+2)
-    v = jnp.matmul(jnp.swapaxes(X, 1, 2), r.reshape(n_phi, -1, 1))[..., 0]  # (n_phi, p+2)
+    # Per bin, the augmented rows X_k = [contrast_k ∂G/∂θ, G, 1] (weighted), parameter
+    # axis first; one batched Gram product X_k X_kᵀ gives A (summed over k), B_k and C_k.
+    X = jnp.concatenate([contrast[:, None, None, None] * dG, G[:, None], jnp.ones_like(G)[:, None]],
+                        axis=1) * weight
+    X = X.reshape(n_phi, p + 2, -1)
+    M = jnp.matmul(X, jnp.swapaxes(X, 1, 2))  # (n_phi, p+2, p+2)
+    v = jnp.matmul(X, r.reshape(n_phi, -1, 1))[..., 0]  # (n_phi, p+2)
     A = M[:, :p, :p].sum(axis=0)
     B = M[:, :p, p:]
     C = M[:, p:, p:]

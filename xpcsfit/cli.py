@@ -12,20 +12,13 @@ import warnings
 from pathlib import Path
 
 from . import _cmc_cli
+from ._cli_args import add_selection
 from ._errors import XpcsfitError
 
 
 def _fit_parser(sub):
     p = sub.add_parser("fit", help="fit the homodyne model to an HDF5 result file or store")
-    p.add_argument("input", help="APS-U / legacy HDF5 result file, or a store from `xpcsfit ingest`")
-    sel = p.add_mutually_exclusive_group()
-    sel.add_argument("--q", type=float, nargs="+", metavar="VALUE", help="q value(s), 1/Å (nearest bin)")
-    sel.add_argument("--q-index", type=int, nargs="+", metavar="K",
-                     help="position(s) in the file's q grid (/xpcs/qmap/dynamic_v_list_dim0)")
-    sel.add_argument("--all-q", action="store_true", help="every q with two-time maps (the default)")
-    p.add_argument("--phi", type=float, nargs="+", metavar="DEG", help="subset of phi bins, degrees")
-    p.add_argument("--frames", type=int, nargs=2, metavar=("A", "B"), help="inclusive frame range")
-    p.add_argument("--dt", type=float, help="override the file's time step, s")
+    add_selection(p)
     p.add_argument("--mode", help="static or laminar_flow (default laminar_flow)")
     p.add_argument("--gap", type=float, metavar="L_ANGSTROM", help="gap L, Å (default 2.0e6, with a warning)")
     p.add_argument("--config", help="YAML file of fit settings (bounds, initial values, solver)")
