@@ -1,9 +1,9 @@
 """Which Dask client a fit runs on, and the LocalCluster xpcsfit starts by default.
 
-Worker settings: one thread per worker process and XLA's Eigen thread pool off, so
-that n_workers × threads does not exceed the cores (JAX on CPU otherwise runs its
-matrix products on a pool as wide as the machine in every process and oversubscribes
-it). Dask's default MALLOC_TRIM_THRESHOLD_ for worker processes is removed: it pins
+Worker settings: one thread per worker process, XLA's Eigen thread pool off, and the
+JAX backend started with a one-CPU thread pool (:func:`dask_setup`), so that
+n_workers × threads does not exceed the cores (JAX on CPU otherwise runs its kernels
+on a pool as wide as the machine in every process and oversubscribes it). Dask's default MALLOC_TRIM_THRESHOLD_ for worker processes is removed: it pins
 glibc's mmap threshold at 128 KiB, so every kernel intermediate is a fresh mmap with
 page faults, and the tile kernels ran 2.5× slower.
 """
@@ -26,6 +26,29 @@ WORKER_ENV = {
 
 # Dask configuration while xpcsfit starts worker processes (see the module docstring).
 WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+def dask_setup(worker) -> None:
+    """Worker preload (``--preload xpcsfit._cluster``): one XLA compute thread per worker.
+
+    JAX sizes its CPU thread pool from the CPUs the process may run on when the backend
+    starts, and no flag limits it. So the backend is started while the worker may run
+    on one CPU only (worker i on CPU i mod n); its pool threads keep that CPU, the rest
+    of the worker gets all CPUs back. Without this, each worker ran XLA on every core:
+    one worker was almost as fast as two, and two oversubscribed the machine. (A
+    backend started earlier in the process keeps its pool; this then changes nothing.)
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    name = str(worker.name)
+    index = int(name) if name.isdigit() else os.getpid()
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+    try:
+        import jax
+
+        jax.devices("cpu")
+    finally:
+        os.sched_setaffinity(0, set(cpus))
 
 
 def local_cluster(n_workers: int | None = None, memory_limit="auto"):
@@ -52,6 +75,7 @@ def local_cluster(n_workers: int | None = None, memory_limit="auto"):
         return LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
             memory_limit=memory_limit, env=dict(WORKER_ENV), silence_logs=40,
+            preload=["xpcsfit._cluster"],
         )
 
 
@@ -88,7 +112,7 @@ def gpu_cluster(gpus: list[str], memory_limit="auto"):
         f"gpu-{g}": {
             "cls": Nanny,
             "options": {"host": "127.0.0.1", "nthreads": 1, "memory_limit": memory_limit,
-                        "env": dict(WORKER_ENV, CUDA_VISIBLE_DEVICES=g)},
+                        "env": dict(WORKER_ENV, CUDA_VISIBLE_DEVICES=g), "preload": ["xpcsfit._cluster"]},
         }
         for g in gpus
     }

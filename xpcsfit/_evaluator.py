@@ -6,7 +6,7 @@ count their data passes; neither knows anything of trust regions.
 - :class:`InProcessEvaluator` holds the tiles in this process (tests, small data).
 - :class:`DaskEvaluator` groups the tiles into parts, loads each part onto a
   dask.distributed worker once (or streams it from its source every pass), and per pass
-  sends only x (broadcast once per worker) and gets back one set of sums per part.
+  sends only x (inside each part's task) and gets back one set of sums per part.
 
 Sums are added over a fixed tree (groups of :data:`FAN_IN` tiles, then groups of FAN_IN
 of those, …). A part is an aligned subtree of it, so the result is bit for bit the same
