@@ -48,7 +48,7 @@ def test_flow_small_q_index_8():
     assert c2.shape == (1, 8, 499, 499)
     assert c2.dtype == np.float32
     assert isinstance(c2.data, da.Array)
-    assert c2.data.chunks[:2] == ((1,), (8,)) and c2.data.chunks[2][0] == 256
+    assert c2.data.chunks[:2] == ((1,), (8,)) and c2.data.chunks[2][:2] == (255, 244)
     assert ds["q"].values == pytest.approx([0.005555], rel=2e-4)
     assert ds["phi"].values == pytest.approx(README_PHI, abs=0.06)
     assert ds["q"].attrs["units"] == "1/Å" and ds["phi"].attrs["units"] == "deg"
@@ -121,9 +121,12 @@ def test_dt_override_scales_time():
     assert ds["t1"].values[0] == 1.0
 
 
-def test_tile_sets_chunks():
+def test_tile_sets_chunks_aligned_to_absolute_frames():
+    # frames 1 … 499: chunk edges at frames 100, 200, … like the fit's tiles
     ds = open_dataset(FLOW, q_index=[0, 8], tile=100)
-    assert ds["c2"].data.chunks == ((1, 1), (8,), (100,) * 4 + (99,), (100,) * 4 + (99,))
+    assert ds["c2"].data.chunks == ((1, 1), (8,), (99,) + (100,) * 4, (99,) + (100,) * 4)
+    ds = open_dataset(FLOW, q_index=8, tile=100, frames=(100, 349))
+    assert ds["c2"].data.chunks[2] == (100, 100, 50)
 
 
 def test_reader_pickles_and_skips_lower_blocks(tmp_path):

@@ -11,9 +11,13 @@ page faults, and the tile kernels ran 2.5× slower.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
-from ._errors import ConfigError
+from ._errors import ConfigError, InputError, XpcsfitError
+
+# exception_text of a failed task starts with the exception's repr, "InputError('…')"
+_USER_ERRORS = tuple(f"{cls.__name__}(" for cls in (XpcsfitError, InputError, ConfigError))
 
 WORKER_ENV = {
     "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
@@ -37,7 +41,11 @@ def dask_setup(worker) -> None:
     of the worker gets all CPUs back. Without this, each worker ran XLA on every core:
     one worker was almost as fast as two, and two oversubscribed the machine. (A
     backend started earlier in the process keeps its pool; this then changes nothing.)
+
+    It also keeps the worker from logging a task's xpcsfit error (a bad value in the
+    input), which the driver reports as one line (:func:`_drop_user_error_reports`).
     """
+    logging.getLogger("distributed.worker").addFilter(_drop_user_error_reports)
     cpus = sorted(os.sched_getaffinity(0))
     name = str(worker.name)
     index = int(name) if name.isdigit() else os.getpid()
@@ -49,6 +57,19 @@ def dask_setup(worker) -> None:
         jax.devices("cpu")
     finally:
         os.sched_setaffinity(0, set(cpus))
+
+
+def _drop_user_error_reports(record: logging.LogRecord) -> bool:
+    """Logging filter: drop the worker's "Compute Failed" report of an xpcsfit error.
+
+    A task that raises InputError or ConfigError (a bad value in the user's file) is
+    re-raised in the driver, which prints it as one line; the worker's copy with its
+    traceback would only bury that line. Every other failure is still logged.
+    """
+    if not str(record.msg).startswith("Compute Failed") or not record.args:
+        return True
+    text = str(record.args[3]) if len(record.args) > 3 else ""
+    return not text.startswith(_USER_ERRORS)
 
 
 def local_cluster(n_workers: int | None = None, memory_limit="auto"):

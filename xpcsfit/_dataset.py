@@ -17,6 +17,7 @@ import xarray as xr
 
 from . import _hdf, _store
 from ._errors import ConfigError, InputError
+from ._tiles import tile_edges
 
 Q_TOLERANCE = 0.05  # relative distance allowed between a requested q and a grid q
 EAGER_FINITE_LIMIT = 2e8  # elements; at or below, open_dataset checks NaN/Inf at open
@@ -42,6 +43,7 @@ def open_dataset(
     frames: tuple[int, int] | None = None,
     dt: float | None = None,
     tile: int = 256,
+    check_finite: bool = True,
 ) -> xr.Dataset:
     """Open two-time maps lazily as an xarray Dataset.
 
@@ -65,11 +67,17 @@ def open_dataset(
         Time step, s; default from the file (see :mod:`xpcsfit._hdf`) or the store.
     tile : int
         Chunk side in t1 and t2 for HDF5 input; a store keeps its own chunks.
+    check_finite : bool
+        Check for NaN/Inf above the diagonal now (reads all the data once, when the
+        selection has at most 2e8 elements). ``fit`` passes False: its tiles are
+        checked as the workers load them.
 
     Returns
     -------
     xarray.Dataset
-        ``c2`` (q, phi, t1, t2) float32, dask-backed, chunks (1, n_phi, tile, tile),
+        ``c2`` (q, phi, t1, t2) float32, dask-backed, chunks (1, n_phi, tile, tile)
+        with edges at absolute frame multiples of ``tile`` (HDF5 input; the first and
+        last chunks along t may be shorter),
         NaN below the diagonal. Coordinates q (1/Å), phi (deg), t1, t2 (s, = frame ×
         dt). Attributes dt, frames [A, B], n_frames, source, sha256, layout,
         q_index and, for a store, store, tile and (when given at ingest) L, Å.
@@ -79,7 +87,7 @@ def open_dataset(
     InputError
         Missing path, unknown or malformed file/store, dt in the file not positive,
         a selected (q, phi) without a map, non-finite c2 above the diagonal (checked
-        at open when the selection has at most 2e8 elements).
+        at open when ``check_finite`` and the selection has at most 2e8 elements).
     ConfigError
         Bad selection or option (q, q_index, phi, frames, dt, tile).
     """
@@ -94,7 +102,7 @@ def open_dataset(
     else:
         raise InputError(f"{path}: neither an HDF5 file nor a Zarr store")
     n_q, n_phi, n_t, _ = ds["c2"].shape
-    if n_q * n_phi * n_t * n_t <= EAGER_FINITE_LIMIT:
+    if check_finite and n_q * n_phi * n_t * n_t <= EAGER_FINITE_LIMIT:
         validate_finite(ds)
     return ds
 
@@ -182,9 +190,13 @@ def _open_from_hdf(path, q, q_index, phi, frames, dt, tile) -> xr.Dataset:
     keys = [[info.maps[(iq, ip)] for ip in phi_sel] for iq in q_sel]
     digest = _hdf.sha256_file(info.path)
     reader = _hdf.C2Reader(info.path, keys, frame_range, token=digest)
+    # Chunk edges at absolute frame multiples of ``tile``, like the fit's tiles, so
+    # that loading one tile is one read.
+    n_t = frame_range[1] - frame_range[0] + 1
+    edges = tuple(b - a for a, b in tile_edges(frame_range[0], n_t, tile))
     c2 = da.from_array(
         reader,
-        chunks=(1, len(phi_sel), tile, tile),
+        chunks=(1, len(phi_sel), edges, edges),
         asarray=True,
         lock=False,
         meta=np.empty((0, 0, 0, 0), dtype=np.float32),

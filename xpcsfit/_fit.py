@@ -64,7 +64,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     scheduler : str, optional
         Address of a running scheduler.
     tile : int, optional
-        Tile edge in frames (default 256, or the config's).
+        Tile edge in frames (default: the config's, else a store's chunk side, else 128).
     progress : bool
         Print one line per iteration.
 
@@ -82,16 +82,14 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     started = time.perf_counter()
     cfg = load_config(config, mode=mode, gap=gap, tile=tile)
     names = physics_names(cfg.mode)
+    # NaN/Inf are checked as the workers load the tiles, in parallel, not here first.
     ds = open_dataset(input, q=q, q_index=q_index, phi=phi, frames=frames, dt=dt,
-                      tile=cfg.tile or DEFAULT_TILE)
+                      tile=cfg.tile or DEFAULT_TILE, check_finite=False)
     size = cfg.tile or int(ds.attrs.get("tile", DEFAULT_TILE))
     L = cfg.gap or ds.attrs.get("L")
     gap_defaulted = L is None
     if gap_defaulted:
         L = DEFAULT_GAP
-        if cfg.mode == "laminar_flow":
-            warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
-                          "(the result files do not record it)", GapWarning, stacklevel=2)
     specs = plan_tiles(ds, size)
     n_points = count_points(ds)
     layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
@@ -108,6 +106,11 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         evaluator = DaskEvaluator(cl, specs, layout, cfg.mode, L, storage=cfg.memory)
         _say(progress, f"xpcsfit: tiles {evaluator.storage} on {evaluator.n_workers} workers "
                        f"in {len(evaluator.parts)} parts ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
+        if gap_defaulted and cfg.mode == "laminar_flow":
+            # Warned once the tiles have loaded (and passed their checks): a file that
+            # cannot be fitted gets its error alone.
+            warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
+                          "(the result files do not record it)", GapWarning, stacklevel=2)
         try:
             result = _solve(evaluator, ds, cfg, layout, L, progress)
             cluster = f"{cl.scheduler.address} ({evaluator.n_workers} workers)"

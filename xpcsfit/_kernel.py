@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _model  # noqa: F401  (sets jax_enable_x64 before any array is made)
-from ._model import g1_squared, g1_squared_with_jacobian
+from ._model import g1_squared, g1_squared_factored
 
 # Cost passes evaluate this many parameter vectors at once (padded with copies), so
 # that a batch of trial steps never triggers a new compilation.
@@ -183,40 +183,100 @@ def _residual_parts(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode
     return G, r
 
 
+# Tiles are reduced in blocks of whole rows of about this many (t1, t2) pairs, so that
+# the model and its factors stay in cache (a whole 256² tile at once ran 3× slower).
+ROW_BLOCK_POINTS = 2048
+
+
+def _sum_over_row_blocks(block_fn, t1, c2, weight):
+    """Σ over row blocks of ``block_fn(t1_block, c2_block, weight_block)`` (a pytree).
+
+    t1 (n1,), c2 (n_phi, n1, n2), weight (n1, n2); the blocks are consecutive rows, in a
+    fixed order, so the sum does not depend on anything but the tile shape.
+    """
+    n_phi, n1, n2 = c2.shape
+    rows = max(1, min(n1, ROW_BLOCK_POINTS // n2))
+    while n1 % rows:
+        rows -= 1
+    n_blocks = n1 // rows
+    c2_blocks = jnp.moveaxis(c2.reshape(n_phi, n_blocks, rows, n2), 1, 0)
+    w_blocks = weight.reshape(n_blocks, rows, n2)
+    t1_blocks = t1.reshape(n_blocks, rows)
+    first = block_fn(t1_blocks[0], c2_blocks[0], w_blocks[0])
+
+    def add_block(total, block):
+        return jax.tree.map(jnp.add, total, block_fn(*block)), None
+
+    total, _ = jax.lax.scan(add_block, first, (t1_blocks[1:], c2_blocks[1:], w_blocks[1:]))
+    return total
+
+
 @partial(jax.jit, static_argnames=("mode",))
 def _tile_block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
+    def block(t1_, c2_, w_):
+        return _block_sums(theta, contrast, offset, q, L, phi, t1_, t2, c2_, w_, mode)
+
+    return _sum_over_row_blocks(block, t1, c2, weight)
+
+
+def _contract(a, b):
+    """Σ_n a[i, n] b[j, n] -> (i, j)."""
+    return jnp.matmul(a, b.T)
+
+
+def _block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
     c2 = c2.astype(jnp.float64)
     n_phi = c2.shape[0]
-    p = theta.shape[0]
-    G, dG = g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2)
-    G = jnp.broadcast_to(G, c2.shape)
-    dG = jnp.broadcast_to(dG, (n_phi, p) + c2.shape[1:])
-    r = (offset[:, None, None] + contrast[:, None, None] * G - c2) * weight
-    # Per bin, the augmented rows X_k = [contrast_k ∂G/∂θ, G, 1] (weighted), parameter
-    # axis first; one batched Gram product X_k X_kᵀ gives A (summed over k), B_k and C_k.
-    X = jnp.concatenate([contrast[:, None, None, None] * dG, G[:, None], jnp.ones_like(G)[:, None]],
-                        axis=1) * weight
-    X = X.reshape(n_phi, p + 2, -1)
-    M = jnp.matmul(X, jnp.swapaxes(X, 1, 2))  # (n_phi, p+2, p+2)
-    v = jnp.matmul(X, r.reshape(n_phi, -1, 1))[..., 0]  # (n_phi, p+2)
-    A = M[:, :p, :p].sum(axis=0)
-    B = M[:, :p, p:]
-    C = M[:, p:, p:]
-    g_theta = v[:, :p].sum(axis=0)
-    g_bin = v[:, p:]
+    # The barrier keeps XLA from fusing the model (sin, exp, log) into each of the
+    # reductions below, which recomputed it once per reduction.
+    G, groups = jax.lax.optimization_barrier(g1_squared_factored(theta, mode, q, L, phi, t1, t2))
+    flat = (n_phi, -1)
+    G = jnp.broadcast_to(G, c2.shape).reshape(flat)
+    w = weight.reshape(-1)  # 0 or 1, so w² = w
+    c = contrast[:, None]
+    r = (offset[:, None] + c * G - c2.reshape(flat)) * w
+    # Bin k's Jacobian row for parameter i of group g is F_g[k] · maps_g[i], with
+    # F_g = contrast · factor_g. Reduce over the angles first, then contract with the
+    # phi-independent time maps: the (n_phi, p, n) Jacobian is never formed.
+    F = [jnp.broadcast_to(c * f.reshape(f.shape[0], -1), G.shape) for f, _ in groups]
+    maps = [m.reshape(m.shape[0], -1) for _, m in groups]
+    wG = w * G
+    A_blocks = []  # A_blocks[g][h]: (m_g, m_h) block of A, from Σ_k F_g F_h over the angles
+    for g in range(len(groups)):
+        A_blocks.append([])
+        for h in range(len(groups)):
+            if h < g:
+                A_blocks[g].append(A_blocks[h][g].T)
+                continue
+            W = jnp.sum(F[g] * F[h], axis=0) * w
+            A_blocks[g].append(_contract(maps[g] * W, maps[h]))
+    A = jnp.block(A_blocks)
+    B = jnp.stack([
+        jnp.concatenate([_contract(f * wG, m) for f, m in zip(F, maps)], axis=1),
+        jnp.concatenate([_contract(f * w, m) for f, m in zip(F, maps)], axis=1),
+    ], axis=-1)  # (n_phi, p, 2)
+    g_theta = jnp.concatenate([_contract(jnp.sum(f * r, axis=0)[None], m)[0] for f, m in zip(F, maps)])
+    sum_wG = jnp.sum(wG, axis=1)
+    sum_wGG = jnp.sum(wG * G, axis=1)
+    sum_w = jnp.broadcast_to(jnp.sum(w), (n_phi,))
+    C = jnp.stack([jnp.stack([sum_wGG, sum_wG], -1), jnp.stack([sum_wG, sum_w], -1)], -2)
+    g_bin = jnp.stack([jnp.sum(G * r, axis=1), jnp.sum(r, axis=1)], axis=-1)
     cost = 0.5 * jnp.sum(r * r)
     return A, B, C, g_theta, g_bin, cost
 
 
 @partial(jax.jit, static_argnames=("mode",))
 def _tile_costs(thetas, contrasts, offsets, q, L, phi, t1, t2, c2, weight, mode):
-    c2 = c2.astype(jnp.float64)
+    def block(t1_, c2_, w_):
+        c2_ = c2_.astype(jnp.float64)
 
-    def one(theta, contrast, offset):
-        _, r = _residual_parts(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode)
-        return 0.5 * jnp.sum(r * r)
+        def one(theta, contrast, offset):
+            _, r = _residual_parts(theta, contrast, offset, q, L, phi, t1_, t2, c2_, w_, mode)
+            return 0.5 * jnp.sum(r * r)
 
-    return jax.vmap(one)(thetas, contrasts, offsets)
+        return jax.vmap(one)(thetas, contrasts, offsets)
+
+    return _sum_over_row_blocks(block, t1, c2, weight)
 
 
 @partial(jax.jit, static_argnames=("mode",))

@@ -147,15 +147,20 @@ def shear_rate(theta, t):
     return theta[3] * t ** theta[4] + theta[5]
 
 
-def g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2):
-    """G = g1**2 and its Jacobian ∂G/∂θ on a (t1, t2) grid, by the chain rule.
+def g1_squared_factored(theta, mode, q, L, phi, t1, t2):
+    """G = g1**2 and its Jacobian ∂G/∂θ in factored form, by the chain rule.
 
     G = E(t1, t2) · S(phi, t1, t2) with E = exp(-q² ∫J dt) and S = sinc²(x),
-    x = q L cos(phi0 - phi) Γ / 2. The time integrals and their derivatives (forward
-    mode, 3 tangents each) are formed once on the (n1, n2) grid; only the final
-    products run over every angle. This is several times cheaper than forward mode
-    through the whole (n_phi, n1, n2) model with p tangents, and exact (tests compare
-    it with ``jax.jacfwd`` of :func:`g1_squared`).
+    x = q L cos(phi0 - phi) Γ / 2. Every column of ∂G/∂θ is a per-angle factor times
+    a phi-independent time map:
+
+        ∂G/∂(D0, alpha, D_offset)                  = S            · ∂E/∂θ_d
+        ∂G/∂(gamma_dot_t0, beta, gamma_dot_t_offset) = E S'(x) qL cos/2 · ∂Γ/∂θ_s
+        ∂G/∂phi0                                   = E S'(x) (−qL sin/2 · π/180) · Γ
+
+    so the time integrals and their forward-mode derivatives are formed once on the
+    (n1, n2) grid, and the tile kernel can reduce over the angles before it multiplies
+    by the time maps (it never forms the (n_phi, p, n1, n2) Jacobian).
 
     Parameters
     ----------
@@ -164,10 +169,12 @@ def g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2):
     Returns
     -------
     G : array (n_phi, n1, n2) (static: (1, n1, n2))
-    dG : array (n_phi, p, n1, n2) (static: (1, 3, n1, n2))
-        Parameter axis before the time axes: the kernel stacks these maps with G and 1
-        into a (p + 2, n1·n2) matrix per angle, which XLA builds without shuffling the
-        minor axis (a trailing parameter axis made the tile kernel 2× slower).
+    groups : list of (factor, maps)
+        One entry per parameter group, in parameter order: ``factor`` (n_phi, n1, n2)
+        (static: (1, n1, n2)) and ``maps`` (m, n1, n2), so that
+        ∂G/∂θ for the group's m parameters is ``factor[:, None] * maps[None]``.
+        laminar_flow: groups of 3 (diffusion), 3 (shear rate) and 1 (phi0) parameters;
+        static: one group of 3.
     """
     t1c = t1[:, None]
     t2r = t2[None, :]
@@ -182,7 +189,7 @@ def g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2):
     E = jnp.exp(-q2 * integral)
     dE = -q2 * E[None] * d_integral  # (3, n1, n2)
     if mode == "static":
-        return E[None], dE[None]
+        return E[None], [(jnp.ones_like(E)[None], dE)]
 
     def strain(params):
         return shear_integral(params[0], params[1], params[2], t1c, t2r, lt1, lt2)
@@ -196,20 +203,27 @@ def g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2):
     x = half_qL * cos_a * gamma[None]
     sinc, d_sinc = jax.jvp(lambda v: jnp.sinc(v / jnp.pi), (x,), (jnp.ones_like(x),))
     S = sinc * sinc
-    dS_dx = 2.0 * sinc * d_sinc
+    common = E[None] * 2.0 * sinc * d_sinc  # E · dS/dx, (n_phi, n1, n2)
     G = E[None] * S
-    dx_shear = half_qL * cos_a[:, None] * d_gamma[None]  # (n_phi, 3, n1, n2)
-    dx_phi0 = -half_qL * sin_a * gamma[None] * (jnp.pi / 180.0)  # (n_phi, n1, n2)
-    common = E[None] * dS_dx  # (n_phi, n1, n2)
-    dG = jnp.concatenate(
-        [
-            S[:, None] * dE[None],
-            common[:, None] * dx_shear,
-            (common * dx_phi0)[:, None],
-        ],
-        axis=1,
-    )
-    return G, dG
+    return G, [
+        (S, dE),
+        (common * (half_qL * cos_a), d_gamma),
+        (common * (-half_qL * (jnp.pi / 180.0)) * sin_a, gamma[None]),
+    ]
+
+
+def g1_squared_with_jacobian(theta, mode, q, L, phi, t1, t2):
+    """G = g1**2 and the full Jacobian ∂G/∂θ, from :func:`g1_squared_factored`.
+
+    For tests and small grids; the tile kernel uses the factored form.
+
+    Returns
+    -------
+    G : array (n_phi, n1, n2) (static: (1, n1, n2))
+    dG : array (n_phi, p, n1, n2) (static: (1, 3, n1, n2))
+    """
+    G, groups = g1_squared_factored(theta, mode, q, L, phi, t1, t2)
+    return G, jnp.concatenate([f[:, None] * maps[None] for f, maps in groups], axis=1)
 
 
 def _value_and_jacfwd(f, params):
