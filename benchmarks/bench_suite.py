@@ -43,7 +43,7 @@ import cloudpickle  # noqa: E402
 import xpcsfit  # noqa: E402
 from xpcsfit._cluster import local_cluster  # noqa: E402
 from xpcsfit._parameters import DEFAULT_GAP  # noqa: E402
-from xpcsfit._simulate import simulate, truth_path  # noqa: E402
+from xpcsfit._simulate import truth_path  # noqa: E402
 
 # The workers cannot import benchmarks/_peers.py: ship its functions by value.
 cloudpickle.register_pickle_by_value(_peers)
@@ -121,16 +121,30 @@ def prepare_input(w: Workload, data_dir: Path) -> tuple[Path, dict]:
     if need_hdf and not (w.store and store.exists()):
         print(f"{w.name}: simulating {w.label} into {hdf} ...", flush=True)
         started = time.perf_counter()
-        simulate(hdf, mode=w.mode, q=(Q,), n_phi=w.n_phi, n_frames=w.n_frames, seed=w.seed)
+        _xpcsfit_command("simulate", hdf, "--mode", w.mode, "--q", Q, "--n-phi", w.n_phi,
+                         "--n-frames", w.n_frames, "--seed", w.seed)
         spent["simulate_s"] = time.perf_counter() - started
     if not w.store:
         return hdf, spent
     if not store.exists():
         print(f"{w.name}: ingesting into {store} (tile {STORE_TILE}) ...", flush=True)
         started = time.perf_counter()
-        xpcsfit.ingest(hdf, store, tile=STORE_TILE)
+        _xpcsfit_command("ingest", hdf, store, "--tile", STORE_TILE)
         spent["ingest_s"] = time.perf_counter() - started
     return store, spent
+
+
+def _xpcsfit_command(*args) -> None:
+    """Run the ``xpcsfit`` CLI in a separate process.
+
+    Not in this one: the workers of a LocalCluster started later would inherit this
+    process's peak resident memory (Linux keeps ru_maxrss across fork and exec), and
+    generating B3 peaks at over 1 GB.
+    """
+    cmd = [sys.executable, "-m", "xpcsfit.cli", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"bench_suite: {' '.join(cmd[1:])} failed: {done.stderr.strip()}")
 
 
 # --------------------------------------------------------------------------- measuring

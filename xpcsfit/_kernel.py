@@ -11,8 +11,15 @@ and offset_k, so the Jacobian of a tile has block-arrow structure. Instead of a 
     cost = ½ Σ r²,     n = number of points
 
 with r = offset_k + contrast_k·G − c2, J_θ = contrast_k ∂G/∂θ and G = g1². The work per
-point grows with p² (physics only), not with (p + 2·n_bins)². The forward-mode
-Jacobian ∂G/∂θ has p tangents, so one pass costs about p model evaluations.
+point grows with p² (physics only), not with (p + 2·n_bins)².
+
+Each column of ∂G/∂θ is a per-angle factor times a phi-independent time map
+(:func:`~xpcsfit._model.g1_squared_factored`), so A is formed by first summing products
+of the factors over the angles and then contracting with the time maps: per (angle,
+point) the kernel does a few multiply-adds, per point p² (not n_phi·p²). A tile is
+reduced in blocks of whole rows (:data:`ROW_BLOCK_POINTS`) that stay in cache; with
+both, a laminar_flow pass costs about 30 ns per (angle, point) on one CPU core, 4×
+less than with the full Jacobian formed per angle.
 
 One compiled function per tile shape and mode: tiles are padded to a common shape and
 the padding is masked by a zero weight.
