@@ -60,6 +60,8 @@ def coords_for(mode):
     (dict(samples=2.5), "samples"),
     (dict(combine="average"), "combine: unknown method 'average'"),
     (dict(seed=-1), "seed"),
+    (dict(target_accept=1.0), "target_accept"),
+    (dict(target_accept=0), "target_accept"),
 ])
 def test_bad_options(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -254,10 +256,12 @@ def test_cli_parser():
     add_parser(sub)
     args = parser.parse_args(["cmc", "in.hdf", "--shards", "8", "--warmup", "100", "--samples", "200",
                               "--chains", "3", "--from-fit", "f.json", "--out", "o", "--scheduler",
-                              "tcp://h:8786", "--q-index", "8", "--combine", "parametric"])
+                              "tcp://h:8786", "--q-index", "8", "--combine", "parametric",
+                              "--target-accept", "0.95"])
     assert (args.shards, args.warmup, args.samples, args.chains) == (8, 100, 200, 3)
     assert (args.from_fit, args.out, args.scheduler, args.q_index, args.combine) == (
         "f.json", "o", "tcp://h:8786", [8], "parametric")
+    assert args.target_accept == 0.95
     with pytest.raises(SystemExit):
         parser.parse_args(["cmc", "in.hdf", "--combine", "mean"])
 
@@ -373,10 +377,11 @@ def test_killing_a_worker_still_gives_a_complete_result(static_file):
         thread = threading.Thread(target=killer, daemon=True)
         thread.start()
         r = cmc(static_file, mode="static", shards=4, warmup=150, samples=150, chains=2, client=c,
-                progress=False)
+                target_accept=0.95, progress=False)
         thread.join(timeout=5)
     assert killed, "no shard was seen running, so no worker was killed"
     assert [s["name"] for s in r.shards] == [f"shard-{k:02d}" for k in range(4)]
     assert all("worker" in s for s in r.shards)  # every shard ran to the end (none failed)
     assert r.shard_draws.shape == (4, 2, 150, 3)
+    assert r.summary["settings"]["target_accept"] == 0.95
     assert np.all(np.isfinite(r.draws))

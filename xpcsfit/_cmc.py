@@ -56,7 +56,7 @@ def _say(progress, message: str) -> None:
 def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
         shards=None, warmup=500, samples=500, chains=2, thin=None, from_fit=None,
         combine="consensus", config=None, dt=None, out=None, client=None, scheduler=None,
-        seed=0, progress=True) -> CMCResult:
+        seed=0, target_accept=0.9, progress=True) -> CMCResult:
     """Posterior of the physics parameters by Consensus Monte Carlo with NUTS shards.
 
     The data are split into K angle-complete shards of time tiles; each shard runs
@@ -100,6 +100,10 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     warmup, samples, chains : int
         NUTS warm-up iterations, kept draws per chain, chains per shard (>= 1 each;
         R-hat needs >= 2 chains).
+    target_accept : float
+        NUTS's target acceptance probability, 0 < value < 1 (default 0.9). Raise it
+        (0.95, 0.98) when shards report divergent transitions: smaller steps, more
+        of them per draw.
     thin : int, optional
         Lattice stride in frames (>= 1). Default 2: on flow_small it keeps ~90 % of the
         information of all points (residual correlations span ~15 frames) at a quarter
@@ -149,7 +153,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     >>> r.J_draws([5.0, 10.0]).std(axis=0)                                   # doctest: +SKIP
     """
     started = time.perf_counter()
-    _check_options(shards, warmup, samples, chains, thin, combine, seed)
+    _check_options(shards, warmup, samples, chains, thin, combine, seed, target_accept)
     fitted = _load_fit(from_fit) if from_fit is not None else None
     if fitted is not None:
         mode = mode or fitted["mode"]
@@ -215,7 +219,8 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         w_start = coords.from_theta(fitted["theta"])
         specs = [ShardSpec(index=k, name=f"shard-{k:02d}", n_shards=K, coords=coords, L=float(L), var=var,
                            n_bins=layout.n_bins, w_start=w_start, warmup=int(warmup),
-                           samples=int(samples), chains=int(chains), seed=int(seed))
+                           samples=int(samples), chains=int(chains), seed=int(seed),
+                           target_accept=float(target_accept))
                  for k in range(K)]
         try:
             results = _run_shards(cl, lattices, specs, progress)
@@ -228,7 +233,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
 # ---------------------------------------------------------------- options and inputs
 
 
-def _check_options(shards, warmup, samples, chains, thin, combine, seed):
+def _check_options(shards, warmup, samples, chains, thin, combine, seed, target_accept):
     def positive(name, value, allow_none=False):
         if value is None and allow_none:
             return
@@ -244,6 +249,9 @@ def _check_options(shards, warmup, samples, chains, thin, combine, seed):
         raise ConfigError(f"combine: unknown method {combine!r}; choose one of {', '.join(comb.COMBINE_METHODS)}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed: need an integer >= 0, got {seed!r}")
+    if (isinstance(target_accept, bool) or not isinstance(target_accept, (int, float, np.floating))
+            or not 0.0 < target_accept < 1.0):
+        raise ConfigError(f"target_accept: need a number between 0 and 1, got {target_accept!r}")
 
 
 def _coordinates(cfg, names) -> Coordinates:

@@ -32,6 +32,9 @@ def add_parser(subparsers):
                    help="sample-wise consensus (default) or the Gaussian product of the shards")
     p.add_argument("--from-fit", metavar="FIT_JSON",
                    help="fit.json (or its directory) to start from; default: run the least-squares fit first")
+    p.add_argument("--target-accept", type=float, default=0.9, metavar="P",
+                   help="NUTS target acceptance probability (default 0.9; raise it to 0.95 or 0.98 "
+                        "when shards report divergent transitions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="result directory (default ./<input name>_cmc)")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
@@ -48,8 +51,8 @@ def run(args) -> int:
                  frames=tuple(args.frames) if args.frames else None, dt=args.dt, mode=args.mode,
                  gap=args.gap, config=args.config, shards=args.shards, warmup=args.warmup,
                  samples=args.samples, chains=args.chains, thin=args.thin, combine=args.combine,
-                 from_fit=args.from_fit, seed=args.seed, out=out, scheduler=args.scheduler,
-                 progress=not args.quiet)
+                 from_fit=args.from_fit, seed=args.seed, target_accept=args.target_accept, out=out,
+                 scheduler=args.scheduler, progress=not args.quiet)
     s = result.summary
     if args.quiet:  # the progress lines already carry the table otherwise
         print(f"{'parameter':<20}{'mean':>14}{'sd':>12}{'q03':>14}{'q97':>14}{'r_hat':>8}{'ess':>7}")

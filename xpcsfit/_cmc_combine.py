@@ -114,7 +114,8 @@ def shard_problems(stats: dict, divergences: int, chains: int, samples: int) -> 
         if not np.isfinite(s["ess_bulk"]) or s["ess_bulk"] < min(ESS_PER_CHAIN * chains, 0.5 * chains * samples):
             out.append(f"bulk ESS {s['ess_bulk']:.0f} for {name}")
     if divergences:
-        out.append(f"{divergences} divergent transitions of {chains * samples}")
+        out.append(f"{divergences} divergent transitions of {chains * samples} "
+                   "(a higher --target-accept takes smaller steps)")
     return out
 
 
