@@ -455,7 +455,7 @@ def print_details(m: dict) -> None:
           + (f", warm fit {m['warm']['wall_s']:.2f} s" if m["warm"] else " (no warm fit)")
           + f"; worker memory limit {limit:.1f} GiB; driver peak {m['driver_peak_mib']:.0f} MiB")
     print(f"   {'warm' if m['warm'] else 'first'} fit: data passes {sum(warm['pass_seconds']):.2f} s of "
-          f"{warm['wall_s']:.2f} s (the rest: open, tiles to workers, start values, residual rms)")
+          f"{warm['wall_s']:.2f} s (the rest: open, tiles to workers, start values)")
     for addr in sorted(m["peak_mib"]):
         c = cold["compiles"].get(addr, {"n": 0, "seconds": 0.0, "by_name": {}})
         kernels = ", ".join(f"{k} {v}" for k, v in sorted(c["by_name"].items()) if "_tile_" in k)

@@ -90,6 +90,9 @@ def test_fit_writes_complete_result_directory(small_flow_file, client, tmp_path)
     assert fitted["c2_fit"].dims == ("q", "phi", "t1", "t2")
     resid = fitted["residual"].values
     assert np.nanstd(resid) == pytest.approx(0.01, rel=0.05)
+    # The rms per bin (from the final normal-equation pass) is that of the residual written.
+    rms_written = np.sqrt(np.nanmean(resid.astype(float) ** 2, axis=(2, 3)))
+    np.testing.assert_allclose(doc["per_angle"]["residual_rms"], rms_written, rtol=1e-5)
     assert np.isnan(resid[0, 0, 5, 2])  # below the diagonal: not fitted
     assert len(list(out.glob("c2_q0_phi*.png"))) == 4 and (out / "transport.png").exists()
     assert not list(tmp_path.glob(".result.partial-*"))

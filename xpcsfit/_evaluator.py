@@ -71,10 +71,14 @@ class InProcessEvaluator:
         self.layout, self.mode, self.L = layout, mode, float(L)
         self.normal_passes = 0
         self.cost_passes = 0
+        self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
 
     def block_sums(self, x) -> BlockSums:
+        """Block sums at x, also kept with x as ``last_block_sums``."""
         self.normal_passes += 1
-        return tree_sum([tile_block_sums(t, x, self.layout, self.mode, self.L) for t in self.tiles])
+        sums = tree_sum([tile_block_sums(t, x, self.layout, self.mode, self.L) for t in self.tiles])
+        self.last_block_sums = (np.array(x, float), sums)
+        return sums
 
     def normal_equations(self, x) -> NormalEquations:
         return _to_normal_equations(self.block_sums(x))
@@ -190,6 +194,7 @@ class DaskEvaluator:
         self.layout, self.mode, self.L = layout, mode, float(L)
         self.normal_passes = 0
         self.cost_passes = 0
+        self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
         self.other_passes = 0
         self.pass_seconds: list[float] = []
         self.bytes_to_workers = 0
@@ -248,8 +253,11 @@ class DaskEvaluator:
         return result
 
     def block_sums(self, x) -> BlockSums:
+        """Block sums at x, also kept with x as ``last_block_sums``."""
         self.normal_passes += 1
-        return self._pass("normal-equations", tile_block_sums, x)
+        sums = self._pass("normal-equations", tile_block_sums, x)
+        self.last_block_sums = (np.array(x, float), sums)
+        return sums
 
     def normal_equations(self, x) -> NormalEquations:
         return _to_normal_equations(self.block_sums(x))
@@ -309,5 +317,6 @@ def _nbytes(value) -> int:
     if isinstance(value, np.ndarray):
         return value.nbytes
     if isinstance(value, BlockSums):
-        return sum(np.asarray(v).nbytes for v in (value.A, value.B, value.C, value.g_theta, value.g_bin)) + 16
+        return sum(np.asarray(v).nbytes for v in (value.A, value.B, value.C, value.g_theta, value.g_bin,
+                                                   value.rss)) + 8
     return 8

@@ -120,8 +120,6 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
             if out is not None:
                 _write(Path(out), result, ds, evaluator, layout, cfg, L, size, started)
             else:
-                rms = evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, None, 0)
-                result.residual_rms = _residual_rms(rms, layout)
                 result.wall_time_s = time.perf_counter() - started
         finally:
             evaluator.close()
@@ -185,6 +183,12 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
     if not state.converged:
         warn.insert(0, f"not converged: {state.termination}")
     se = np.sqrt(np.maximum(np.diag(cov), 0.0))
+    # The solver's final normal equations are those at its final x; their per-bin
+    # residual sums give the residual rms without another pass over the data.
+    x_sums, sums = evaluator.last_block_sums
+    if not np.array_equal(x_sums, state.x):
+        raise RuntimeError("internal error: the last normal-equation pass is not at the solution")
+    residual_rms = sums.residual_rms().reshape(layout.n_q, layout.n_phi)
     theta, contrast, offset = layout.split(state.x)
     _, c_se, o_se = layout.split(se)
     t = ds["t1"].values
@@ -195,7 +199,7 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
         q=ds["q"].values.astype(float), phi=ds["phi"].values.astype(float),
         contrast=contrast.reshape(shape), offset=offset.reshape(shape),
         contrast_stderr=c_se.reshape(shape), offset_stderr=o_se.reshape(shape),
-        residual_rms=np.full(shape, np.nan), covariance=cov, covariance_names=layout.names(),
+        residual_rms=residual_rms, covariance=cov, covariance_names=layout.names(),
         chi2=chi2, reduced_chi2=chi2 / dof, dof=int(dof), n_points=int(ne.n),
         converged=bool(state.converged), termination=state.termination,
         iterations=state.iteration, data_passes=evaluator.normal_passes + evaluator.cost_passes,
@@ -203,16 +207,6 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
         warnings=warn, x=state.x.copy(), start=x0, lower=lower, upper=upper,
     )
     return result
-
-
-def _residual_rms(parts, layout) -> np.ndarray:
-    ss = np.zeros(layout.n_bins)
-    nn = np.zeros(layout.n_bins)
-    for b0, s, n in parts:
-        ss[b0 : b0 + s.size] += s
-        nn[b0 : b0 + n.size] += n
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.sqrt(ss / nn).reshape(layout.n_q, layout.n_phi)
 
 
 def _write(out, result, ds, evaluator, layout, cfg, L, size, started):
@@ -227,8 +221,7 @@ def _write(out, result, ds, evaluator, layout, cfg, L, size, started):
     with atomic_directory(out) as tmp:
         store = tmp / "fitted.zarr"
         create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
-        parts = evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, str(store), lead)
-        result.residual_rms = _residual_rms(parts, layout)
+        evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, str(store), lead)
         fitted = zarr.open_group(str(store), mode="r")["c2_fit"]
         s = stride_for(t.size)
         for iq, qv in enumerate(result.q):

@@ -97,7 +97,7 @@ class BlockSums:
     ----------
     A : (p, p)        B : (n_bins, p, 2)      C : (n_bins, 2, 2)
     g_theta : (p,)    g_bin : (n_bins, 2)
-    cost : float      ½ Σ r²
+    rss : (n_bins,)   Σ r² per bin (C[:, 1, 1] is the bin's number of points)
     n : int           number of points
     """
 
@@ -106,8 +106,18 @@ class BlockSums:
     C: np.ndarray
     g_theta: np.ndarray
     g_bin: np.ndarray
-    cost: float
+    rss: np.ndarray
     n: int
+
+    @property
+    def cost(self) -> float:
+        """½ Σ r² over all bins."""
+        return 0.5 * float(self.rss.sum())
+
+    def residual_rms(self) -> np.ndarray:
+        """Root mean square residual per bin, (n_bins,); NaN for a bin without points."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.sqrt(self.rss / self.C[:, 1, 1])
 
     def __add__(self, other: "BlockSums") -> "BlockSums":
         return BlockSums(
@@ -116,7 +126,7 @@ class BlockSums:
             self.C + other.C,
             self.g_theta + other.g_theta,
             self.g_bin + other.g_bin,
-            self.cost + other.cost,
+            self.rss + other.rss,
             self.n + other.n,
         )
 
@@ -268,8 +278,8 @@ def _block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
     sum_w = jnp.broadcast_to(jnp.sum(w), (n_phi,))
     C = jnp.stack([jnp.stack([sum_wGG, sum_wG], -1), jnp.stack([sum_wG, sum_w], -1)], -2)
     g_bin = jnp.stack([jnp.sum(G * r, axis=1), jnp.sum(r, axis=1)], axis=-1)
-    cost = 0.5 * jnp.sum(r * r)
-    return A, B, C, g_theta, g_bin, cost
+    rss = jnp.sum(r * r, axis=1)
+    return A, B, C, g_theta, g_bin, rss
 
 
 @partial(jax.jit, static_argnames=("mode",))
@@ -316,7 +326,7 @@ def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: st
     theta, contrast, offset = layout.split(np.asarray(x, float))
     n_phi = tile.c2.shape[0]
     sl = slice(tile.bin_start, tile.bin_start + n_phi)
-    A, B, C, g_theta, g_bin, cost = _tile_block_sums(
+    A, B, C, g_theta, g_bin, rss = _tile_block_sums(
         theta, contrast[sl], offset[sl], tile.q, L, tile.phi, tile.t1, tile.t2,
         tile.c2, tile.weight, mode=mode,
     )
@@ -324,11 +334,13 @@ def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: st
     B_full = np.zeros((nb, p, 2))
     C_full = np.zeros((nb, 2, 2))
     g_full = np.zeros((nb, 2))
+    rss_full = np.zeros(nb)
     B_full[sl] = np.asarray(B)
     C_full[sl] = np.asarray(C)
     g_full[sl] = np.asarray(g_bin)
-    return BlockSums(np.asarray(A), B_full, C_full, np.asarray(g_theta), g_full,
-                     float(cost), tile.n_points)
+    rss_full[sl] = np.asarray(rss)
+    return BlockSums(np.asarray(A), B_full, C_full, np.asarray(g_theta), g_full, rss_full,
+                     tile.n_points)
 
 
 def tile_costs(tile: Tile, xs: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> np.ndarray:

@@ -59,16 +59,11 @@ def create_fitted_store(path: Path, q, phi, t, tile: int) -> None:
 
 
 def write_fitted_tile(tile: Tile, x, layout: ParameterLayout, mode: str, L: float,
-                      path: str | None, lead: int):
-    """Worker task: write this tile's model and residual chunks; return per-bin sums.
+                      path: str, lead: int) -> None:
+    """Worker task: write this tile's model and residual chunks into the store at ``path``.
 
     ``lead`` is the number of unfitted frames before the first fitted one in the store
     (it starts at a frame that is a multiple of the tile size, so a tile is one chunk).
-    With ``path`` None nothing is written (only the residual sums are wanted).
-
-    Returns
-    -------
-    (bin_start, sum of r² per phi (n_phi,), points per phi (n_phi,))
     """
     model = tile_model(tile, x, layout, mode, L)
     iq = tile.index[0]
@@ -78,9 +73,6 @@ def write_fitted_tile(tile: Tile, x, layout: ParameterLayout, mode: str, L: floa
     fit = np.where(w, model[:, :n1, :n2], np.nan).astype(np.float32)
     resid = np.where(w, tile.c2[:, :n1, :n2] - model[:, :n1, :n2], np.nan).astype(np.float32)
     region = (slice(iq, iq + 1), slice(None), slice(r0, r0 + n1), slice(c0, c0 + n2))
-    if path is not None:
-        root = zarr.open_group(path, mode="r+")
-        root["c2_fit"][region] = fit[None]
-        root["residual"][region] = resid[None]
-    r = np.nan_to_num(resid.astype(float))
-    return tile.bin_start, (r * r).sum(axis=(1, 2)), np.full(r.shape[0], float(w.sum()))
+    root = zarr.open_group(path, mode="r+")
+    root["c2_fit"][region] = fit[None]
+    root["residual"][region] = resid[None]
