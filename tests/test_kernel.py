@@ -7,10 +7,13 @@ from helpers import dense_jacobian, dense_residual, in_process, start, synthetic
 
 
 @pytest.mark.parametrize("mode", ["static", "laminar_flow"])
-def test_block_normal_equations_equal_dense_jacobian(mode):
-    # 2 q × 3 phi × 70 frames in 32-frame tiles: edge tiles padded, lower tiles skipped.
+@pytest.mark.parametrize("tile", [32, 47])
+def test_block_normal_equations_equal_dense_jacobian(mode, tile):
+    # 2 q × 3 phi × 70 frames: edge tiles padded, lower tiles skipped. A 32-frame tile is
+    # reduced as one row block; a 47-frame tile in 2 blocks of 24 rows (ROW_BLOCK_POINTS),
+    # the last padded by one row of zero weight.
     ds = synthetic_dataset(mode)
-    ev, layout = in_process(ds, mode, tile=32)
+    ev, layout = in_process(ds, mode, tile=tile)
     x = start(layout, mode)
     residual = dense_residual(ds, mode, layout)
     J = dense_jacobian(residual, x)
@@ -26,9 +29,11 @@ def test_block_normal_equations_equal_dense_jacobian(mode):
 
 
 @pytest.mark.parametrize("mode", ["static", "laminar_flow"])
-def test_cost_pass_matches_normal_equation_cost(mode):
+@pytest.mark.parametrize("tile", [32, 47])
+def test_cost_pass_matches_normal_equation_cost(mode, tile):
+    # 47 rows of 47 points split into 2 row blocks of 24, the last padded by one row
     ds = synthetic_dataset(mode)
-    ev, layout = in_process(ds, mode, tile=32)
+    ev, layout = in_process(ds, mode, tile=tile)
     x0 = start(layout, mode)
     xs = np.stack([x0 * (1 + 0.01 * k) for k in range(6)])  # more than one cost batch
     costs = ev.costs(xs)

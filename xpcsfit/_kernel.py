@@ -209,13 +209,18 @@ def _sum_over_row_blocks(block_fn, t1, c2, weight):
     """Σ over row blocks of ``block_fn(t1_block, c2_block, weight_block)`` (a pytree).
 
     t1 (n1,), c2 (n_phi, n1, n2), weight (n1, n2); the blocks are consecutive rows, in a
-    fixed order, so the sum does not depend on anything but the tile shape.
+    fixed order, so the sum does not depend on anything but the tile shape. When the
+    rows do not split evenly, the last block is padded with rows of zero weight (which
+    add nothing: every sum is weighted).
     """
     n_phi, n1, n2 = c2.shape
-    rows = max(1, min(n1, ROW_BLOCK_POINTS // n2))
-    while n1 % rows:
-        rows -= 1
-    n_blocks = n1 // rows
+    n_blocks = -(-n1 // max(1, min(n1, ROW_BLOCK_POINTS // n2)))
+    rows = -(-n1 // n_blocks)
+    pad = n_blocks * rows - n1
+    if pad:
+        t1 = jnp.concatenate([t1, jnp.full(pad, t1[-1])])
+        c2 = jnp.pad(c2, ((0, 0), (0, pad), (0, 0)))
+        weight = jnp.pad(weight, ((0, pad), (0, 0)))
     c2_blocks = jnp.moveaxis(c2.reshape(n_phi, n_blocks, rows, n2), 1, 0)
     w_blocks = weight.reshape(n_blocks, rows, n2)
     t1_blocks = t1.reshape(n_blocks, rows)
