@@ -9,6 +9,8 @@ Public API (everything else is private and may move):
 - :class:`FitResult`, :class:`CMCResult`, :class:`FitConfig`, and the errors.
 """
 
+__version__ = "0.1.0"
+
 from ._cmc import cmc
 from ._cmc_summary import CMCResult
 from ._config import FitConfig, load_config
@@ -18,7 +20,6 @@ from ._fit import GapWarning, fit
 from ._results import FitResult
 from ._store import ingest
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CMCResult",

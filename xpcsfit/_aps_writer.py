@@ -36,6 +36,7 @@ def write_aps_u(
     avg_frame: int = 1,
     compression: str | None = "lzf",
     n_frames: int | None = None,
+    attrs: Mapping[str, str] | None = None,
 ) -> Path:
     """Write an APS-U (NeXus, boost_corr) two-time result file.
 
@@ -64,6 +65,8 @@ def write_aps_u(
         h5py compression filter of the maps.
     n_frames : int, optional
         T; required when every map is a callable, checked against arrays otherwise.
+    attrs : mapping of str -> str, optional
+        Attributes of the file's root group (``xpcsfit simulate`` marks its files).
 
     Returns
     -------
@@ -97,6 +100,7 @@ def write_aps_u(
         f[_hdf.APSU_STRIDE] = np.int64(stride_frame)
         f[_hdf.APSU_AVG] = np.int64(avg_frame)
         f[_hdf.APSU_FRAME_TIME] = np.float64(frame_time)
+        f.attrs.update(dict(attrs or {}))
 
     return _atomic_write(path, fill)
 

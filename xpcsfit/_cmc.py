@@ -20,6 +20,7 @@ their consensus is meaningless.)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -38,6 +39,7 @@ from ._config import load_config
 from ._dataset import open_dataset
 from ._errors import ConfigError, InputError
 from ._kernel import ParameterLayout
+from ._output import claim_result_directory
 from ._parameters import DEFAULT_GAP, MODES
 from ._tiles import plan_tiles
 
@@ -199,7 +201,9 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     def announce(c):
         _say(progress, f"xpcsfit cmc: started a LocalCluster, dashboard {c.dashboard_link}")
 
-    with dask_client(client, scheduler, on_start=announce) as cl:
+    # The output is claimed before the cluster starts: a refused --out costs nothing.
+    claim = claim_result_directory(out) if out is not None else contextlib.nullcontext()
+    with claim as target, dask_client(client, scheduler, on_start=announce) as cl:
         fit_result = None
         if fitted is None:
             from ._fit import fit
@@ -226,8 +230,8 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
             results = _run_shards(cl, lattices, specs, progress)
         finally:
             cl.cancel(lattices)
-    return finish(results, specs, coords, cfg, L, ds, fitted, fit_result, noise, thin, size, combine,
-                   seed, out, started, progress, n_lattice)
+        return finish(results, specs, coords, cfg, L, ds, fitted, fit_result, noise, thin, size,
+                      combine, seed, target, started, progress, n_lattice)
 
 
 # ---------------------------------------------------------------- options and inputs

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _cmc_combine as comb
 from ._cmc_model import PRIOR_SD
-from ._output import atomic_directory
+from ._output import result_manifest
 from ._parameters import UNITS
 
 
@@ -250,7 +250,7 @@ def finish(results, specs, coords, cfg, L, ds, fitted, fit_result, noise, thin, 
     )
     _say(progress, _report(result))
     if out is not None:
-        result.out = _write(Path(out), result, ds, fit_result, started)
+        result.out = _write(out, result, ds, fit_result, started)
     summary["wall_time_s"] = time.perf_counter() - started
     return result
 
@@ -319,35 +319,37 @@ def _version(pkg):
         return ""
 
 
-def _write(out: Path, result: CMCResult, ds, fit_result, started) -> Path:
+def _write(target, result: CMCResult, ds, fit_result, started) -> Path:
+    """Write the result into the claimed ``target`` (a ResultDirectory) and commit it."""
     import xarray as xr
 
     from ._cmc_plots import bands_png, corner_png, trace_png
 
-    with atomic_directory(out) as tmp:
-        post = xr.Dataset(
-            {
-                "shard_draws": (("shard", "chain", "draw", "parameter"), result.shard_draws),
-                "draws": (("chain", "draw", "parameter"), result.draws),
-                "shard_sampling_draws": (("shard", "chain", "draw", "coordinate"), result.shard_sampling_draws),
-                "sampling_draws": (("chain", "draw", "coordinate"), result.sampling_draws),
-                "diverging": (("shard", "chain", "draw"), result.shard_diverging),
-            },
-            coords={"shard": result.shard_names, "parameter": result.names,
-                    "coordinate": result.sampling_names},
-            attrs={"mode": result.mode, "combine": result.summary["combined"]["method"],
-                   "units": json.dumps({n: UNITS[n] for n in result.names})},
-        )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            post.to_zarr(tmp / "posterior.zarr", mode="w", consolidated=False)
-        flat = result.draws.reshape(-1, len(result.names))
-        corner_png(tmp / "corner.png", result.names, flat)
-        trace_png(tmp / "trace.png", result.names, result.draws, result.shard_draws, result.shard_names)
-        tr = result.summary["transport"]
-        bands_png(tmp / "transport.png", np.asarray(tr["t"]), tr)
-        if fit_result is not None:
-            (tmp / "initial_fit.json").write_text(fit_result.to_json())
-        result.summary["wall_time_s"] = time.perf_counter() - started
-        (tmp / "summary.json").write_text(result.to_json())
-    return out.resolve()
+    tmp = target.partial
+    post = xr.Dataset(
+        {
+            "shard_draws": (("shard", "chain", "draw", "parameter"), result.shard_draws),
+            "draws": (("chain", "draw", "parameter"), result.draws),
+            "shard_sampling_draws": (("shard", "chain", "draw", "coordinate"), result.shard_sampling_draws),
+            "sampling_draws": (("chain", "draw", "coordinate"), result.sampling_draws),
+            "diverging": (("shard", "chain", "draw"), result.shard_diverging),
+        },
+        coords={"shard": result.shard_names, "parameter": result.names,
+                "coordinate": result.sampling_names},
+        attrs={"mode": result.mode, "combine": result.summary["combined"]["method"],
+               "units": json.dumps({n: UNITS[n] for n in result.names})},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        post.to_zarr(tmp / "posterior.zarr", mode="w", consolidated=False)
+    flat = result.draws.reshape(-1, len(result.names))
+    corner_png(tmp / "corner.png", result.names, flat)
+    trace_png(tmp / "trace.png", result.names, result.draws, result.shard_draws, result.shard_names)
+    tr = result.summary["transport"]
+    bands_png(tmp / "transport.png", np.asarray(tr["t"]), tr)
+    if fit_result is not None:
+        (tmp / "initial_fit.json").write_text(fit_result.to_json())
+    result.summary["wall_time_s"] = time.perf_counter() - started
+    record = json.loads(result.to_json()) | {"files": result_manifest(tmp, "summary.json")}
+    (tmp / "summary.json").write_text(json.dumps(record, indent=1, allow_nan=True))
+    return target.commit()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -17,7 +18,7 @@ from ._errors import ConfigError
 from ._evaluator import DaskEvaluator
 from ._initial import initial_estimates
 from ._kernel import ParameterLayout
-from ._output import atomic_directory, create_fitted_store, write_fitted_tile
+from ._output import claim_result_directory, create_fitted_store, result_manifest, write_fitted_tile
 from ._parameters import DEFAULT_GAP, DEFAULT_INITIAL, physics_names
 from ._results import FitResult, correlation_warnings, covariance_from_normal_equations, transport_bands
 from ._solver import IterationReport, TrustRegionLM
@@ -93,6 +94,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     specs = plan_tiles(ds, size)
     n_points = count_points(ds)
     layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
+    check_determinable(ds, n_points, layout)
     what = str(input) if Path(str(input)).name == Path(ds.attrs["source"]).name \
         else f"{input} (ingested from {ds.attrs['source']})"
     _say(progress, f"xpcsfit: {cfg.mode} fit of {what}: {ds.sizes['q']} q × "
@@ -102,7 +104,11 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     def announce(c):
         _say(progress, f"xpcsfit: started a LocalCluster, dashboard {c.dashboard_link}")
 
-    with dask_client(client, scheduler, on_start=announce) as cl:
+    # The output is claimed before the cluster starts: a refused --out costs nothing.
+    claim = claim_result_directory(out) if out is not None else contextlib.nullcontext()
+    with claim as target, dask_client(client, scheduler, on_start=announce) as cl:
+        for stale in getattr(target, "removed_partials", ()):
+            _say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
         evaluator = DaskEvaluator(cl, specs, layout, cfg.mode, L, storage=cfg.memory)
         _say(progress, f"xpcsfit: tiles {evaluator.storage} on {evaluator.n_workers} workers "
                        f"in {len(evaluator.parts)} parts ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
@@ -117,8 +123,9 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
             result.provenance = _provenance(cfg, L, gap_defaulted, cluster)
             result.input = _input_info(ds, n_points, L)
             result.engine = {"tile_size": size} | evaluator.stats()
-            if out is not None:
-                _write(Path(out), result, ds, evaluator, layout, cfg, L, size, started)
+            if target is not None:
+                _write(target.partial, result, ds, evaluator, layout, cfg, L, size, started)
+                target.commit()
             else:
                 result.wall_time_s = time.perf_counter() - started
         finally:
@@ -209,7 +216,26 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
     return result
 
 
-def _write(out, result, ds, evaluator, layout, cfg, L, size, started):
+def check_determinable(ds, n_points: int, layout: ParameterLayout) -> None:
+    """Refuse a selection that cannot determine the fit's parameters, before any work.
+
+    The start values fit g2(τ) = offset + contrast·exp(-kτ) per bin, which needs at
+    least 3 lags (4 frames); the fit itself needs more points than parameters.
+
+    Raises
+    ------
+    ConfigError
+    """
+    n_frames = ds.sizes["t1"]
+    first, last = map(int, ds.attrs["frames"])
+    if n_frames < 4:
+        raise ConfigError(f"frames = ({first}, {last}): {n_frames} frames; a fit needs at least 4")
+    if n_points <= layout.size:
+        raise ConfigError(f"frames = ({first}, {last}): {n_points} points cannot determine "
+                          f"{layout.size} parameters; select more frames or fewer bins")
+
+
+def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
     from ._plots import heatmap_png, stride_for, transport_png
 
     import zarr
@@ -218,21 +244,21 @@ def _write(out, result, ds, evaluator, layout, cfg, L, size, started):
     first = int(ds.attrs["frames"][0])
     lead = first % size  # fitted.zarr starts at an aligned frame: its chunks are the tiles
     t_out = (np.arange(-lead, t.size) + first) * float(ds.attrs["dt"])
-    with atomic_directory(out) as tmp:
-        store = tmp / "fitted.zarr"
-        create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
-        evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, str(store), lead)
-        fitted = zarr.open_group(str(store), mode="r")["c2_fit"]
-        s = stride_for(t.size)
-        for iq, qv in enumerate(result.q):
-            for ip, pv in enumerate(result.phi):
-                data = np.asarray(ds["c2"].data[iq, ip, ::s, ::s].compute())
-                model = np.asarray(fitted[iq, ip, lead::s, lead::s])
-                heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data, model,
-                            f"q = {qv:.5g} 1/Å, phi = {pv:.4g}°")
-        transport_png(tmp / "transport.png", result.transport, cfg.mode)
-        result.wall_time_s = time.perf_counter() - started
-        (tmp / "fit.json").write_text(result.to_json())
+    store = tmp / "fitted.zarr"
+    create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
+    evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, str(store), lead)
+    fitted = zarr.open_group(str(store), mode="r")["c2_fit"]
+    s = stride_for(t.size)
+    for iq, qv in enumerate(result.q):
+        for ip, pv in enumerate(result.phi):
+            data = np.asarray(ds["c2"].data[iq, ip, ::s, ::s].compute())
+            model = np.asarray(fitted[iq, ip, lead::s, lead::s])
+            heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data, model,
+                        f"q = {qv:.5g} 1/Å, phi = {pv:.4g}°")
+    transport_png(tmp / "transport.png", result.transport, cfg.mode)
+    result.wall_time_s = time.perf_counter() - started
+    record = result.to_dict() | {"files": result_manifest(tmp)}
+    (tmp / "fit.json").write_text(json.dumps(record, indent=1, allow_nan=True))
 
 
 def _input_info(ds, n_points, L) -> dict:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from ._aps_writer import write_aps_u
 from ._errors import ConfigError
 from ._model import c2_model
@@ -35,6 +36,9 @@ TRUTH = {
 # is finite for alpha > -1 but the log form needs t > 0.
 _T0_FRACTION = 1e-9
 
+# Root attribute that marks a file written here: only such a file is ever replaced.
+SIMULATED_ATTR = "xpcsfit_simulated"
+
 
 def phi_grid(n_phi: int) -> np.ndarray:
     """n_phi bin centres evenly spread over [0, 180) degrees (symmetry fold 2)."""
@@ -47,6 +51,31 @@ def truth_path(path: Path) -> Path:
     return path.with_name(path.stem + ".truth.json")
 
 
+def refuse_foreign(out: Path) -> None:
+    """Refuse to replace ``out`` or its truth JSON unless ``xpcsfit simulate`` wrote them.
+
+    Raises
+    ------
+    ConfigError
+        ``out`` exists and is not a file simulated by xpcsfit (no :data:`SIMULATED_ATTR`
+        on its root group), or its truth JSON exists while ``out`` does not.
+    """
+    import h5py
+
+    if out.exists() or out.is_symlink():
+        try:
+            with h5py.File(out, "r") as f:
+                ours = SIMULATED_ATTR in f.attrs
+        except OSError:
+            ours = False
+        if not ours:
+            raise ConfigError(f"{out}: exists and was not written by xpcsfit simulate; "
+                              "choose another file name")
+    elif truth_path(out).exists():
+        raise ConfigError(f"{truth_path(out)}: exists without its simulated file; "
+                          "choose another file name")
+
+
 def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_frames: int = 500,
              dt: float = 0.1, gap: float = DEFAULT_GAP, params: dict | None = None,
              contrast: float = 0.25, offset: float = 1.0, noise: float = 0.02, seed: int = 0) -> Path:
@@ -55,7 +84,8 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
     Parameters
     ----------
     out : str or Path
-        HDF5 file to write (replaced atomically).
+        HDF5 file to write, atomically; an existing file is replaced only if
+        ``simulate`` wrote it (see :func:`refuse_foreign`).
     mode : {"laminar_flow", "static"}
     q : sequence of float
         q values, 1/Å (one map per q and phi).
@@ -114,8 +144,10 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
         return band
 
     out = Path(out)
+    refuse_foreign(out)
     maps = {(iq, ip): band_of(iq, ip) for iq in range(q.size) for ip in range(n_phi)}
-    write_aps_u(out, q_grid=q, phi_grid=phis, maps=maps, frame_time=dt, n_frames=n_frames)
+    write_aps_u(out, q_grid=q, phi_grid=phis, maps=maps, frame_time=dt, n_frames=n_frames,
+                attrs={SIMULATED_ATTR: __version__})
     truth = {
         "file": out.name,
         "mode": mode,
