@@ -55,7 +55,8 @@ def broken_files(tmp_path_factory, shared_data):
 def test_bad_input_one_line_error(args, code, words, broken_files, shared_data, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "fit.json").write_text('{"earlier": true}')
+    earlier = {"xpcsfit_version": "0.1.0", "files": ["fit.json"], "earlier": True}
+    (out / "fit.json").write_text(json.dumps(earlier))  # an earlier xpcsfit result
     args = [a.format(d=broken_files, data=shared_data) for a in args]
     p = run("fit", *args, "--out", out)
     assert p.returncode == code, p.stderr
@@ -64,7 +65,7 @@ def test_bad_input_one_line_error(args, code, words, broken_files, shared_data, 
     assert "Traceback" not in p.stderr
     for w in words:
         assert w in lines[0]
-    assert json.loads((out / "fit.json").read_text()) == {"earlier": True}
+    assert json.loads((out / "fit.json").read_text()) == earlier
 
 
 @pytest.mark.slow
