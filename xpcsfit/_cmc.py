@@ -20,7 +20,6 @@ their consensus is meaningless.)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -202,8 +201,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         _say(progress, f"xpcsfit cmc: started a LocalCluster, dashboard {c.dashboard_link}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
-    claim = claim_result_directory(out) if out is not None else contextlib.nullcontext()
-    with claim as target, dask_client(client, scheduler, on_start=announce) as cl:
+    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
         fit_result = None
         if fitted is None:
             from ._fit import fit

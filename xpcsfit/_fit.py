@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import contextlib
 import time
 import warnings
 from pathlib import Path
@@ -105,8 +104,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         _say(progress, f"xpcsfit: started a LocalCluster, dashboard {c.dashboard_link}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
-    claim = claim_result_directory(out) if out is not None else contextlib.nullcontext()
-    with claim as target, dask_client(client, scheduler, on_start=announce) as cl:
+    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
         for stale in getattr(target, "removed_partials", ()):
             _say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
         evaluator = DaskEvaluator(cl, specs, layout, cfg.mode, L, storage=cfg.memory)

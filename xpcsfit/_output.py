@@ -251,7 +251,8 @@ class ResultDirectory:
 
 @contextlib.contextmanager
 def claim_result_directory(final):
-    """Claim ``final`` for a new result; yield the :class:`ResultDirectory`.
+    """Claim ``final`` for a new result; yield the :class:`ResultDirectory` (None when
+    ``final`` is None: nothing is to be written).
 
     On leaving the block without :meth:`ResultDirectory.commit` (an error, an interrupt)
     the partial directory is removed and ``final`` is untouched.
@@ -262,6 +263,9 @@ def claim_result_directory(final):
         ``final`` exists and is not an xpcsfit result (or not an empty directory), is
         being written by another xpcsfit run, or cannot be written.
     """
+    if final is None:
+        yield None
+        return
     claim = ResultDirectory(Path(final).resolve()).open()
     try:
         yield claim
