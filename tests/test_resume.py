@@ -13,7 +13,7 @@ import pytest
 
 import xpcsfit
 from helpers import bounds, in_process, start, synthetic_dataset
-from xpcsfit._checkpoint import Checkpoint, atomic_write_text, checkpoint_path, digest
+from xpcsfit._checkpoint import Checkpoint, atomic_write_text, checkpoint_path, digest, fingerprint
 from xpcsfit._solver import TrustRegionLM
 
 # ---------------------------------------------------------------------------------
@@ -283,34 +283,21 @@ def _physics(doc):
     return [v["value"] for v in doc["parameters"].values()]
 
 
-@pytest.mark.slow
-def test_checkpoint_of_another_input_file_is_not_used(flow_file, client, killed, tmp_path, capsys):
+def test_checkpoint_of_another_input_file_is_not_used(flow_file, tmp_path):
+    from xpcsfit._config import load_config
     from xpcsfit._simulate import simulate
 
-    # The killed fit's checkpoint, where a fit of another file into "res" looks.
-    _, text = killed
-    out = tmp_path / "res"
-    checkpoint_path(out).write_text(text)
-    other = simulate(tmp_path / "other.hdf", q=(0.0055,), n_phi=4, n_frames=400, noise=0.02, seed=8)
-    capsys.readouterr()
-    r = xpcsfit.fit(other, config=flow_file.parent / "far.yaml", out=out, client=client)
-    lines = [line for line in capsys.readouterr().out.splitlines() if "not used" in line]
-    assert len(lines) == 1 and "saved by a fit with a different input" in lines[0], lines
-    assert r.resumed_from is None
-    assert not checkpoint_path(out).exists()
-
-
-@pytest.mark.slow
-def test_truncated_checkpoint_is_ignored_with_a_note(flow_file, client, killed, tmp_path, capsys):
-    _, text = killed
-    out = tmp_path / "res"
-    checkpoint_path(out).write_text(text[:200])  # as if cut off (xpcsfit's own writes never are)
-    capsys.readouterr()
-    r = xpcsfit.fit(flow_file, config={"gap": 2.0e6, "solver": {"max_iterations": 1}}, out=out, client=client)
-    lines = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line]
-    assert len(lines) == 1 and "not used: not valid JSON" in lines[0] and "starting over" in lines[0], lines
-    assert r.resumed_from is None and r.iterations == 1
-    assert (out / "fit.json").exists() and not checkpoint_path(out).exists()
+    # Two files with the same grid and frames: fingerprints differ by the content alone.
+    other = simulate(tmp_path / "flow.hdf", q=(0.0055,), n_phi=4, n_frames=400, noise=0.02, seed=8)
+    cfg = load_config(flow_file.parent / "far.yaml")
+    x0, lo, hi = np.full(15, 0.5), np.zeros(15), np.ones(15)
+    docs = [fingerprint(xpcsfit.open_dataset(f), cfg, 2.0e6, 128, x0, lo, hi) for f in (flow_file, other)]
+    ck = Checkpoint(tmp_path / "res")
+    ck.open(docs[0], str(flow_file))
+    ck.save(STATE)
+    state, note = Checkpoint(tmp_path / "res").open(docs[1], str(other))
+    assert state is None and note.endswith("saved by a fit with a different input; starting over")
+    assert Checkpoint(tmp_path / "res").open(docs[0], str(flow_file)) == (STATE, None)
 
 
 # ---------------------------------------------------------------------------------
@@ -375,3 +362,16 @@ def test_unwritable_checkpoint_warns_and_the_fit_goes_on(driver_problem, tmp_pat
     assert r.converged
     ck.remove()
     assert blocker.is_dir()
+
+
+def test_truncated_checkpoint_is_ignored_with_a_note(driver_problem, tmp_path, capsys):
+    from xpcsfit._fit import _solve
+
+    ds, ev, layout, cfg = driver_problem
+    ck = Checkpoint(tmp_path / "res")
+    ck.path.write_text('{"kind": "xpcsfit-checkpoint", "format": 1, "fingerprint": "ab')  # cut off
+    r = _solve(ev, ds, cfg, layout, 2.0e6, 32, True, ck)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line]
+    assert len(lines) == 1 and "not used: not valid JSON" in lines[0] and lines[0].endswith("starting over")
+    assert r.resumed_from is None and r.converged
+    assert json.loads(ck.path.read_text())["state"]["iteration"] == r.iterations  # replaced by this fit's
