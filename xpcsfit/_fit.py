@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._checkpoint import Checkpoint, fingerprint
 from ._cluster import dask_client
 from ._config import load_config
 from ._dataset import open_dataset
@@ -20,7 +21,7 @@ from ._kernel import ParameterLayout
 from ._output import claim_result_directory, create_fitted_store, result_manifest, write_fitted_tile
 from ._parameters import DEFAULT_GAP, DEFAULT_INITIAL, physics_names
 from ._results import FitResult, correlation_warnings, covariance_from_normal_equations, transport_bands
-from ._solver import IterationReport, TrustRegionLM
+from ._solver import IterationReport, SolverState, TrustRegionLM
 from ._tiles import count_points, plan_tiles
 
 DEFAULT_TILE = 128
@@ -37,7 +38,7 @@ def _say(progress, message: str) -> None:
 
 def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
         config=None, out=None, client=None, scheduler=None, tile=None, dt=None,
-        progress=True) -> FitResult:
+        progress=True, resume=True) -> FitResult:
     """Fit the homodyne model to two-time c2 data on a Dask cluster.
 
     Parameters
@@ -67,6 +68,17 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         Tile edge in frames (default: the config's, else a store's chunk side, else 128).
     progress : bool
         Print one line per iteration.
+    resume : bool
+        With ``out``, the solver's state is saved after every iteration beside it
+        (``.<out name>.checkpoint.json``, see :mod:`xpcsfit._checkpoint`) and removed
+        when the result is written. True (the default): a rerun of a fit that was
+        killed continues from its last saved iteration and ends with the same
+        parameters as an uninterrupted fit, in fewer data passes. This is safe by
+        default because a checkpoint is used only when its fingerprint (input
+        content, selection, settings, start, bounds, version) matches this fit's; and
+        it is what a crashed batch reprocessing run needs — the rerun just continues.
+        False: start over (the checkpoint is then replaced). fit.json records a
+        resumed fit under ``resumed_from``.
 
     Returns
     -------
@@ -107,6 +119,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
         for stale in getattr(target, "removed_partials", ()):
             _say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
+        checkpoint = Checkpoint(target.final, resume) if target is not None else None
         evaluator = DaskEvaluator(cl, specs, layout, cfg.mode, L, storage=cfg.memory)
         _say(progress, f"xpcsfit: tiles {evaluator.storage} on {evaluator.n_workers} workers "
                        f"in {len(evaluator.parts)} parts ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
@@ -116,7 +129,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
             warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
                           "(the result files do not record it)", GapWarning, stacklevel=2)
         try:
-            result = _solve(evaluator, ds, cfg, layout, L, progress)
+            result = _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint)
             cluster = f"{cl.scheduler.address} ({evaluator.n_workers} workers)"
             result.provenance = _provenance(cfg, L, gap_defaulted, cluster)
             result.input = _input_info(ds, n_points, L)
@@ -124,6 +137,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
             if target is not None:
                 _write(target.partial, result, ds, evaluator, layout, cfg, L, size, started)
                 target.commit()
+                checkpoint.remove()
             else:
                 result.wall_time_s = time.perf_counter() - started
         finally:
@@ -164,7 +178,13 @@ def _starting_point(evaluator, ds, cfg, layout, L):
     return x0, lower, upper
 
 
-def _solve(evaluator, ds, cfg, layout, L, progress):
+def _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint=None):
+    """Run the solver from the start values, or from ``checkpoint``'s saved state.
+
+    With a :class:`~xpcsfit._checkpoint.Checkpoint`, the state is saved after every
+    iteration; a saved state of this very fit (same fingerprint) is resumed from, and
+    one that is not is named in one progress line with the reason.
+    """
     x0, lower, upper = _starting_point(evaluator, ds, cfg, layout, L)
     _say(progress, "xpcsfit: start " + ", ".join(
         f"{n}={v:.4g}" for n, v in zip(layout.physics, x0[: layout.p])))
@@ -174,9 +194,28 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
                        f"damping {r.damping:.2e}  rho {r.rho:.3f}  passes {r.passes}")
 
     solver = TrustRegionLM(lower, upper, callback=report, **cfg.solver.model_dump())
-    state = solver.solve(evaluator, x0)
+    state, resumed_from = None, None
+    if checkpoint is not None:
+        saved, note = checkpoint.open(fingerprint(ds, cfg, L, size, x0, lower, upper), ds.attrs["source"])
+        if note:
+            _say(progress, note)
+        if saved is not None:
+            state, resumed_from = _resume(solver, evaluator, saved, checkpoint, progress)
+    if state is None:
+        state = solver.init(evaluator, x0)
+    while not state.done:
+        state = solver.step(evaluator, state)
+        if checkpoint is not None:
+            try:
+                checkpoint.save(state.saved())
+            except OSError as exc:
+                _say(progress, f"xpcsfit: warning: cannot write checkpoint {checkpoint.path} "
+                               f"({exc.strerror or exc}); this fit continues without checkpoints")
+                checkpoint = None
+    this_run = "" if resumed_from is None else \
+        f" ({evaluator.normal_passes + evaluator.cost_passes} in this run)"
     _say(progress, f"xpcsfit: {state.termination} after {state.iteration} iterations, "
-                   f"{state.passes} data passes")
+                   f"{state.passes} data passes{this_run}")
     ne = state.ne
     P = layout.size
     dof = ne.n - P
@@ -210,6 +249,7 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
         iterations=state.iteration, data_passes=evaluator.normal_passes + evaluator.cost_passes,
         wall_time_s=float("nan"), transport=transport_bands(cfg.mode, layout.physics, theta, cov, t_grid),
         warnings=warn, x=state.x.copy(), start=x0, lower=lower, upper=upper,
+        resumed_from=resumed_from,
     )
     return result
 
@@ -231,6 +271,24 @@ def check_determinable(ds, n_points: int, layout: ParameterLayout) -> None:
     if n_points <= layout.size:
         raise ConfigError(f"frames = ({first}, {last}): {n_points} points cannot determine "
                           f"{layout.size} parameters; select more frames or fewer bins")
+
+
+def _resume(solver, evaluator, saved: dict, checkpoint, progress) -> tuple[SolverState | None, dict | None]:
+    """The restored state and its ``resumed_from`` record, or (None, None) with a note."""
+    try:
+        state = solver.restore(evaluator, saved)
+    except ValueError as exc:
+        _say(progress, checkpoint.not_used(f"invalid solver state ({exc})"))
+        return None, None
+    before = saved["normal_passes"] + saved["cost_passes"]
+    _say(progress, f"xpcsfit: resuming from checkpoint {checkpoint.path}: iteration {state.iteration}, "
+                   f"cost {state.ne.cost:.8e}, {before} data passes made before")
+    if state.ne.cost != saved["cost"]:
+        # The fingerprint matched, so only a non-deterministic evaluation (other
+        # hardware or libraries) gets here; the fit stays valid, its digits may differ.
+        _say(progress, f"xpcsfit: note: the cost at the saved x is now {state.ne.cost!r}, saved "
+                       f"{saved['cost']!r}; the continued trajectory may differ in the last digits")
+    return state, {"iteration": state.iteration, "data_passes": before, "checkpoint": str(checkpoint.path)}
 
 
 def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):

@@ -52,6 +52,11 @@ class FitResult:
     x, start, lower, upper : ndarray (P,)
         Final and starting solver vectors and the bounds, over all parameters
         (physics, contrast per bin, offset per bin).
+    resumed_from : dict or None
+        For a fit resumed from a checkpoint (see :mod:`xpcsfit._checkpoint`): the
+        ``iteration`` it continued from, the ``data_passes`` made before it (by the
+        killed run; ``data_passes`` above counts only this run's), and the
+        ``checkpoint`` path. None for a fit run from the start.
     engine : dict
         What the engine did: tile size, tiles and parts, held or streamed, passes,
         seconds per solver pass, bytes to/from the workers per pass, kernels compiled
@@ -89,6 +94,7 @@ class FitResult:
     lower: np.ndarray | None = None
     upper: np.ndarray | None = None
     engine: dict = field(default_factory=dict)
+    resumed_from: dict | None = None
 
     @property
     def parameters(self) -> dict[str, float]:
@@ -136,6 +142,7 @@ class FitResult:
             "termination": self.termination,
             "iterations": self.iterations,
             "data_passes": self.data_passes,
+            "resumed_from": self.resumed_from,
             "wall_time_s": self.wall_time_s,
             "transport": {k: lst(v) for k, v in self.transport.items()},
             "warnings": self.warnings,

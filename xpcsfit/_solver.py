@@ -24,6 +24,15 @@ Convergence (MINPACK's criteria, Moré et al. 1980): relative cost reduction, ac
 predicted, below ``ftol``; scaled step below ``xtol``; or the largest cosine between a
 Jacobian column and the residual vector (the projected gradient where a bound is
 active) below ``gtol``.
+
+State is explicit: :meth:`TrustRegionLM.init` and :meth:`TrustRegionLM.step` map one
+:class:`SolverState` to the next, and :meth:`TrustRegionLM.solve` just loops. A state
+reduces to a small mapping of numbers (:meth:`SolverState.saved`: x, the Moré scale,
+the damping, the counters), and :meth:`TrustRegionLM.restore` rebuilds the state from it
+with one normal-equations pass at x. With a deterministic evaluator the continued
+trajectory is then bit for bit the uninterrupted one: a step depends only on x, the
+normal equations at x, the scale and the damping. What to do with the mapping (a
+checkpoint file) is the caller's business.
 """
 
 from __future__ import annotations
@@ -83,6 +92,30 @@ class SolverState:
     @property
     def passes(self) -> int:
         return self.normal_passes + self.cost_passes
+
+    def saved(self) -> dict:
+        """What :meth:`TrustRegionLM.restore` needs, as plain JSON-ready numbers.
+
+        Returns
+        -------
+        dict
+            ``x`` and ``scale`` (lists of P floats), ``damping``, ``cost`` (at x, for a
+            consistency check), ``iteration``, ``normal_passes``, ``cost_passes``,
+            ``done``, ``converged``, ``termination``. Floats survive a JSON round trip
+            exactly (Python writes the shortest repr that reads back to the same double).
+        """
+        return {
+            "x": [float(v) for v in self.x],
+            "scale": [float(v) for v in self.scale],
+            "damping": float(self.damping),
+            "cost": float(self.ne.cost),
+            "iteration": int(self.iteration),
+            "normal_passes": int(self.normal_passes),
+            "cost_passes": int(self.cost_passes),
+            "done": bool(self.done),
+            "converged": bool(self.converged),
+            "termination": str(self.termination),
+        }
 
 
 def solve_box_qp(H, g, lower, upper, max_iter=None):
@@ -190,6 +223,13 @@ class TrustRegionLM:
 
     # -- explicit state and pure steps (optimistix-style) ---------------------------
     def init(self, evaluator: Evaluator, x0) -> SolverState:
+        """The state at x0 (P,): one normal-equations pass, the first scale and damping.
+
+        Raises
+        ------
+        ValueError
+            If x0 lies outside the bounds.
+        """
         x0 = np.asarray(x0, float)
         if np.any(x0 < self.lower) or np.any(x0 > self.upper):
             raise ValueError("the starting point lies outside the bounds")
@@ -199,6 +239,9 @@ class TrustRegionLM:
         return self._check_gradient(state)
 
     def step(self, evaluator: Evaluator, state: SolverState) -> SolverState:
+        """One iteration from a state that is not done: trial passes until a step is
+        accepted (then one normal-equations pass) or the solver gives up; the new state
+        says ``done`` when a convergence test or a limit ends the fit."""
         x, ne, D = state.x, state.ne, state.scale
         Hs = ne.jtj / np.outer(D, D)
         gs = ne.jtr / D
@@ -271,6 +314,59 @@ class TrustRegionLM:
             return replace(new, done=True, converged=False,
                            termination=f"reached max_iterations={self.max_iterations} (not converged)")
         return new
+
+    def restore(self, evaluator: Evaluator, saved: dict) -> SolverState:
+        """Rebuild a state from :meth:`SolverState.saved` with one normal-equations pass.
+
+        The pass recomputes JᵀJ, Jᵀr and the cost at the saved x; the scale, damping,
+        counters and termination are taken as saved, so :meth:`step` continues the
+        saved trajectory. ``normal_passes`` counts the restoring pass on top of the
+        saved ones; ``history`` starts empty.
+
+        Parameters
+        ----------
+        evaluator : Evaluator
+        saved : dict
+            As returned by :meth:`SolverState.saved` (e.g. read back from JSON).
+
+        Raises
+        ------
+        ValueError
+            If ``saved`` lacks a field, has the wrong number of parameters, holds a
+            non-finite or non-positive scale or damping, a cost that is not a number,
+            or an x outside the bounds.
+            Nothing has been evaluated then.
+        """
+        P = self.lower.size
+        try:
+            x = np.asarray(saved["x"], dtype=float)
+            scale = np.asarray(saved["scale"], dtype=float)
+            damping = float(saved["damping"])
+            float(saved["cost"])  # checked by the caller against the recomputed cost
+            counters = [saved[k] for k in ("iteration", "normal_passes", "cost_passes")]
+            flags = [saved[k] for k in ("done", "converged")]
+            termination = saved["termination"]
+        except KeyError as exc:
+            raise ValueError(f"missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed field ({exc})") from None
+        if x.shape != (P,) or scale.shape != (P,):
+            raise ValueError(f"expected {P} parameters, got x {x.shape} and scale {scale.shape}")
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(scale)) and np.all(scale > 0)):
+            raise ValueError("x and scale must be finite, scale > 0")
+        if not (np.isfinite(damping) and damping > 0):
+            raise ValueError(f"damping = {damping!r}: must be finite and > 0")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counters):
+            raise ValueError(f"iteration and pass counters must be integers >= 0, got {counters}")
+        if not all(isinstance(f, bool) for f in flags) or not isinstance(termination, str):
+            raise ValueError("done/converged must be booleans and termination a string")
+        if np.any(x < self.lower) or np.any(x > self.upper):
+            raise ValueError("x lies outside the bounds")
+        iteration, normal_passes, cost_passes = counters
+        ne = evaluator.normal_equations(x)
+        return SolverState(x=x, ne=ne, scale=scale, damping=damping, iteration=iteration,
+                           normal_passes=normal_passes + 1, cost_passes=cost_passes,
+                           done=flags[0], converged=flags[1], termination=termination)
 
     def solve(self, evaluator: Evaluator, x0) -> SolverState:
         """Run :meth:`init` then :meth:`step` until done; return the final state."""

@@ -25,6 +25,9 @@ def _fit_parser(sub):
     p.add_argument("--tile", type=int, help="tile edge in frames (default 128)")
     p.add_argument("--out", help="result directory (default ./<input name>_fit)")
     p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
+    p.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start over even if a checkpoint of this very fit (.OUT.checkpoint.json beside --out, "
+                        "left by a killed run) would let it continue")
 
 
 def _run_fit(args) -> int:
@@ -33,7 +36,8 @@ def _run_fit(args) -> int:
     out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.input).name.split('.')[0]}_fit"
     result = fit(args.input, q=args.q, q_index=args.q_index, phi=args.phi,
                  frames=tuple(args.frames) if args.frames else None, dt=args.dt, mode=args.mode,
-                 gap=args.gap, config=args.config, out=out, scheduler=args.scheduler, tile=args.tile)
+                 gap=args.gap, config=args.config, out=out, scheduler=args.scheduler, tile=args.tile,
+                 resume=args.resume)
     print(f"\n{'parameter':<20}{'value':>14}{'stderr':>12}  unit")
     from ._parameters import UNITS
 
