@@ -292,29 +292,60 @@ def _resume(solver, evaluator, saved: dict, checkpoint, progress) -> tuple[Solve
 
 
 def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
-    from ._plots import heatmap_png, stride_for, transport_png
+    """Write fit.json, fitted.zarr and the PNGs into the partial result directory ``tmp``.
 
-    import zarr
+    One pass over the tiles on the workers writes fitted.zarr and sends back only the
+    points of the heatmap grid (every ``stride_for(T)``-th frame, at most MAX_PIXELS
+    across), so neither the input nor fitted.zarr is read again, and the driver holds
+    about 2 × n_q × n_phi × MAX_PIXELS² float32 whatever the number of frames.
+    """
+    from ._plots import heatmap_png, stride_for, transport_png
 
     t = ds["t1"].values
     first = int(ds.attrs["frames"][0])
     lead = first % size  # fitted.zarr starts at an aligned frame: its chunks are the tiles
     t_out = (np.arange(-lead, t.size) + first) * float(ds.attrs["dt"])
+    s = stride_for(t.size)
+    m = len(range(0, t.size, s))
     store = tmp / "fitted.zarr"
     create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
-    evaluator.map_tiles(write_fitted_tile, result.x, layout, cfg.mode, L, str(store), lead)
-    fitted = zarr.open_group(str(store), mode="r")["c2_fit"]
-    s = stride_for(t.size)
+    samples = evaluator.map_tiles(_write_tile, result.x, layout, cfg.mode, L, str(store), lead, s)
+    data = np.full((layout.n_q, layout.n_phi, m, m), np.nan, np.float32)
+    model = np.full_like(data, np.nan)
+    while samples:  # pop: each sample is freed once copied into the grids
+        iq, g1, g2, d, f = samples.pop()
+        n1, n2 = d.shape[1:]
+        data[iq, :, g1 : g1 + n1, g2 : g2 + n2] = d
+        model[iq, :, g1 : g1 + n1, g2 : g2 + n2] = f
     for iq, qv in enumerate(result.q):
         for ip, pv in enumerate(result.phi):
-            data = np.asarray(ds["c2"].data[iq, ip, ::s, ::s].compute())
-            model = np.asarray(fitted[iq, ip, lead::s, lead::s])
-            heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data, model,
+            heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data[iq, ip], model[iq, ip],
                         f"q = {qv:.5g} 1/Å, phi = {pv:.4g}°")
     transport_png(tmp / "transport.png", result.transport, cfg.mode)
     result.wall_time_s = time.perf_counter() - started
     record = result.to_dict() | {"files": result_manifest(tmp)}
     (tmp / "fit.json").write_text(json.dumps(record, indent=1, allow_nan=True))
+
+
+def _write_tile(tile, x, layout, mode, L, path, lead, stride):
+    """Worker task: write one tile's fitted.zarr chunks, return its heatmap-grid points.
+
+    The heatmap grid is dataset frames 0, stride, 2·stride, … along t1 and t2.
+
+    Returns
+    -------
+    (q position, first grid row, first grid column, data, model)
+        ``data`` and ``model`` (n_phi, rows, columns) float32: the tile's c2 and fitted
+        c2 on the grid points it holds, NaN where not fitted (t2 <= t1).
+    """
+    fitted = write_fitted_tile(tile, x, layout, mode, L, path, lead)
+    (r0, c0), (n1, n2) = tile.start, tile.extent
+    i0, j0 = -r0 % stride, -c0 % stride  # first tile row / column on the grid
+    rows, cols = slice(i0, n1, stride), slice(j0, n2, stride)
+    w = tile.weight[rows, cols] > 0
+    data = np.where(w, tile.c2[:, rows, cols], np.nan).astype(np.float32)
+    model = np.where(w, fitted[:, rows, cols], np.nan).astype(np.float32)
+    return tile.index[0], (r0 + i0) // stride, (c0 + j0) // stride, data, model
 
 
 def _input_info(ds, n_points, L) -> dict:

@@ -236,6 +236,10 @@ class C2Reader:
     Values below the diagonal (t2 < t1) are set to NaN whatever the file holds there;
     blocks wholly below the diagonal are not read at all.
 
+    Keys are ints and slices with a positive step (a step along t1/t2, e.g. a
+    sub-sampled picture of a map, is one strided HDF5 selection: only the selected
+    elements are copied out, and each HDF5 chunk it touches is decompressed once).
+
     Reading is fast when the file's HDF5 chunks are small compared with a block; maps
     stored as one whole-map chunk are decompressed whole for every block (ingest such
     files into a Zarr store for repeated access).
@@ -251,6 +255,12 @@ class C2Reader:
     token : str
         Identifies the file's content (its sha256) in the dask key, so that a file
         rewritten in place never reuses results cached for the old one.
+
+    Raises
+    ------
+    IndexError
+        From ``__getitem__``: a key other than ints and positive-step slices (arrays,
+        Ellipsis, None, step <= 0), an int out of range, or too many indices.
     """
 
     dtype = np.dtype(np.float32)
@@ -273,22 +283,29 @@ class C2Reader:
 
     def __getitem__(self, key) -> np.ndarray:
         ranges, squeeze = _normalize_key(key, self.shape)
-        (q0, q1), (p0, p1), (r0, r1), (c0, c1) = ranges
-        out = np.full((q1 - q0, p1 - p0, r1 - r0, c1 - c0), np.nan, dtype=np.float32)
+        q_idx, p_idx, rows, cols = (range(*r) for r in ranges)
+        out = np.full((len(q_idx), len(p_idx), len(rows), len(cols)), np.nan, dtype=np.float32)
         # a block whose last column lies left of its first row is all below the diagonal
-        if out.size and c1 - 1 >= r0:
+        if out.size and cols[-1] >= rows[0]:
             a = self.frames[0]
+            # tight stops: the selection ends at the last selected element
+            row_sel = slice(a + rows[0], a + rows[-1] + 1, rows.step)
+            col_sel = slice(a + cols[0], a + cols[-1] + 1, cols.step)
             with h5py.File(self.path, "r") as f:
-                for iq in range(q0, q1):
-                    for ip in range(p0, p1):
-                        out[iq - q0, ip - p0] = f[self.keys[iq][ip]][a + r0 : a + r1, a + c0 : a + c1]
-            lower = np.arange(c0, c1)[None, :] < np.arange(r0, r1)[:, None]
+                for i, iq in enumerate(q_idx):
+                    for j, ip in enumerate(p_idx):
+                        out[i, j] = f[self.keys[iq][ip]][row_sel, col_sel]
+            lower = np.asarray(cols)[None, :] < np.asarray(rows)[:, None]
             out[..., lower] = np.nan
         return out[squeeze] if squeeze else out
 
 
 def _normalize_key(key, shape):
-    """Turn a basic-indexing key into per-axis (start, stop) and a squeeze index."""
+    """Turn a basic-indexing key into per-axis (start, stop, step) and a squeeze index.
+
+    ``range(start, stop, step)`` of each axis lists the selected indices (step >= 1,
+    possibly empty); the squeeze index drops the axes given as ints, or is None.
+    """
     if not isinstance(key, tuple):
         key = (key,)
     if len(key) > len(shape):
@@ -298,15 +315,15 @@ def _normalize_key(key, shape):
     for k, n in zip(key, shape):
         if isinstance(k, slice):
             start, stop, step = k.indices(n)
-            if step != 1:
-                raise IndexError(f"C2Reader supports unit-step slices only, got {k!r}")
-            ranges.append((start, max(start, stop)))
+            if step < 1:
+                raise IndexError(f"C2Reader supports positive-step slices only, got {k!r}")
+            ranges.append((start, max(start, stop), step))
             squeeze.append(slice(None))
         elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
             i = int(k) + n if k < 0 else int(k)
             if not 0 <= i < n:
                 raise IndexError(f"index {k} out of range for axis of length {n}")
-            ranges.append((i, i + 1))
+            ranges.append((i, i + 1, 1))
             squeeze.append(0)
             any_int = True
         else:

@@ -295,11 +295,13 @@ def create_fitted_store(path: Path, q, phi, t, tile: int) -> None:
 
 
 def write_fitted_tile(tile: Tile, x, layout: ParameterLayout, mode: str, L: float,
-                      path: str, lead: int) -> None:
+                      path: str, lead: int) -> np.ndarray:
     """Worker task: write this tile's model and residual chunks into the store at ``path``.
 
     ``lead`` is the number of unfitted frames before the first fitted one in the store
     (it starts at a frame that is a multiple of the tile size, so a tile is one chunk).
+    Returns the model on the tile grid, (n_phi, size, size) float64 (padding included),
+    for the caller's pictures.
     """
     model = tile_model(tile, x, layout, mode, L)
     iq = tile.index[0]
@@ -312,3 +314,4 @@ def write_fitted_tile(tile: Tile, x, layout: ParameterLayout, mode: str, L: floa
     root = zarr.open_group(path, mode="r+")
     root["c2_fit"][region] = fit[None]
     root["residual"][region] = resid[None]
+    return model
