@@ -189,7 +189,7 @@ def _open_from_hdf(path, q, q_index, phi, frames, dt, tile) -> xr.Dataset:
     dt = _check_dt(dt) if dt is not None else _hdf.read_dt(path, info.layout)
     keys = [[info.maps[(iq, ip)] for ip in phi_sel] for iq in q_sel]
     digest = _hdf.sha256_file(info.path)
-    reader = _hdf.C2Reader(info.path, keys, frame_range, token=digest)
+    reader = _ReadErrors(_hdf.C2Reader(info.path, keys, frame_range, token=digest))
     # Chunk edges at absolute frame multiples of ``tile``, like the fit's tiles, so
     # that loading one tile is one read.
     n_t = frame_range[1] - frame_range[0] + 1
@@ -203,6 +203,30 @@ def _open_from_hdf(path, q, q_index, phi, frames, dt, tile) -> xr.Dataset:
     )
     attrs = {"source": str(info.path), "sha256": digest, "layout": info.layout}
     return _build(c2, grid, q_sel, phi_sel, frame_range, dt, attrs)
+
+
+class _ReadErrors:
+    """A C2Reader whose HDF5 read failures are InputErrors naming the file.
+
+    The metadata checks at open cannot see a damaged data chunk (h5py: "filter returned
+    failure during read"); it is found when a worker reads it, and must end as the
+    same one-line error as any other bad input, not as an OSError traceback.
+    """
+
+    def __init__(self, reader: _hdf.C2Reader):
+        self.reader = reader
+        self.shape, self.dtype, self.ndim = reader.shape, reader.dtype, reader.ndim
+
+    def __dask_tokenize__(self):
+        return self.reader.__dask_tokenize__()
+
+    def __getitem__(self, key) -> np.ndarray:
+        try:
+            return self.reader[key]
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise InputError(
+                f"{self.reader.path}: cannot read the two-time maps ({_hdf._one_line(exc)})"
+            ) from None
 
 
 def _open_from_store(path, q, q_index, phi, frames, dt) -> xr.Dataset:

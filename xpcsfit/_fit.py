@@ -93,6 +93,12 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     specs = plan_tiles(ds, size)
     n_points = count_points(ds)
     layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
+    # Known now, before any cluster work: the per-bin g2 fit of the starting values has
+    # 3 parameters (needs >= 3 lags, 4 frames), and the fit needs more points than parameters.
+    if ds.sizes["t1"] < 4 or n_points <= layout.size:
+        a, b = ds.attrs["frames"]
+        raise ConfigError(f"{input}: frames {a}..{b} ({n_points} points) cannot determine {layout.size} "
+                          "parameters; select more frames or fewer bins")
     what = str(input) if Path(str(input)).name == Path(ds.attrs["source"]).name \
         else f"{input} (ingested from {ds.attrs['source']})"
     _say(progress, f"xpcsfit: {cfg.mode} fit of {what}: {ds.sizes['q']} q × "
@@ -175,8 +181,6 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
     ne = state.ne
     P = layout.size
     dof = ne.n - P
-    if dof <= 0:
-        raise ConfigError(f"{ne.n} points cannot determine {P} parameters; select more frames or fewer bins")
     chi2 = 2.0 * ne.cost
     cov, warn = covariance_from_normal_equations(ne.jtj, chi2, dof)
     warn += correlation_warnings(list(layout.physics), cov)
