@@ -64,7 +64,8 @@ def open_dataset(
         Inclusive 0-based frame range (A, B), 1 <= A < B <= T-1. Default (1, T-1):
         frame 0 sits at t = 0 where t**alpha is singular.
     dt : float, optional
-        Time step, s; default from the file (see :mod:`xpcsfit._hdf`) or the store.
+        Time step, s, within ``_hdf.DT_RANGE``; default from the file (see
+        :mod:`xpcsfit._hdf`) or the store.
     tile : int
         Chunk side in t1 and t2 for HDF5 input; a store keeps its own chunks.
     check_finite : bool
@@ -232,20 +233,12 @@ class _ReadErrors:
 def _open_from_store(path, q, q_index, phi, frames, dt) -> xr.Dataset:
     raw = _store.open_store(path)
     a = raw.attrs
-    stored_q = [int(i) for i in a["q_index"]]
-    q_grid = np.asarray(a["q_grid"], dtype=np.float64)
-    phi_grid = raw["phi"].values.astype(np.float64)
+    stored_q, q_grid, phi_grid, has_stored = _store_grid(path, raw)
     has_map = np.zeros((q_grid.size, phi_grid.size), dtype=bool)
-    has_map[stored_q] = np.asarray(a["has_map"], dtype=bool)
+    has_map[stored_q] = has_stored
     grid = _Grid(str(path), q_grid, phi_grid, has_map, int(a["n_frames"]))
     q_sel, phi_sel, (first, last) = _select(grid, q, q_index, phi, frames)
-    if dt is None:
-        dt = a["dt"]
-        if not (isinstance(dt, (int, float)) and np.isfinite(dt) and dt > 0):
-            raise InputError(f"{path}: store attribute dt = {dt!r} is not a finite positive number")
-        dt = float(dt)
-    else:
-        dt = _check_dt(dt)
+    dt = _check_dt(dt) if dt is not None else float(a["dt"])
     c2 = raw["c2"].data
     c2 = c2[[stored_q.index(i) for i in q_sel]]
     if phi_sel != list(range(phi_grid.size)):
@@ -261,6 +254,57 @@ def _open_from_store(path, q, q_index, phi, frames, dt) -> xr.Dataset:
     if "L" in a:
         attrs["L"] = float(a["L"])
     return _build(c2, grid, q_sel, phi_sel, (first, last), dt, attrs)
+
+
+def _store_grid(path: Path, raw: xr.Dataset):
+    """Validate the store attributes that open_dataset and fit use.
+
+    Returns (stored q positions, q grid, phi grid, has_map of the stored q). A store
+    edited by hand (or damaged) gets an InputError naming the attribute.
+    """
+    a = raw.attrs
+    shape = raw["c2"].shape
+
+    def bad(key, why):
+        return InputError(f"{path}: store attribute {key} = {_short(a.get(key))} {why}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    n = a["n_frames"]
+    if not (is_int(n) and n >= 3 and tuple(shape[2:]) == (n, n)):
+        raise bad("n_frames", f"does not match c2 of shape {tuple(shape)}")
+    if not (is_int(a["tile"]) and a["tile"] >= 1):
+        raise bad("tile", "is not a positive integer")
+    if not (is_real(a["dt"]) and _hdf.DT_RANGE[0] <= a["dt"] <= _hdf.DT_RANGE[1]):
+        raise bad("dt", f"is not a number in {_hdf.DT_RANGE[0]:g} .. {_hdf.DT_RANGE[1]:g} s")
+    if "L" in a and not (is_real(a["L"]) and a["L"] > 0):
+        raise bad("L", "is not a finite positive number (Å)")
+    for key in ("source", "sha256", "layout"):
+        if not isinstance(a[key], str):
+            raise bad(key, "is not a string")
+    q_grid = a["q_grid"]
+    if not (isinstance(q_grid, list) and q_grid and all(is_real(v) for v in q_grid)):
+        raise bad("q_grid", "is not a non-empty list of finite numbers")
+    stored = a["q_index"]
+    if not (isinstance(stored, list) and len(stored) == shape[0]
+            and all(is_int(i) and 0 <= i < len(q_grid) for i in stored) and len(set(stored)) == len(stored)):
+        raise bad("q_index", f"is not {shape[0]} distinct positions in q_grid")
+    phi_grid = np.asarray(raw["phi"].values)
+    if phi_grid.shape != (shape[1],) or phi_grid.dtype.kind not in "iuf" or not np.isfinite(phi_grid).all():
+        raise InputError(f"{path}: store coordinate phi is not {shape[1]} finite numbers")
+    has_map = np.asarray(a["has_map"])
+    if has_map.dtype != bool or has_map.shape != tuple(shape[:2]):
+        raise bad("has_map", f"is not a {shape[0]} x {shape[1]} array of booleans")
+    return list(stored), np.asarray(q_grid, np.float64), phi_grid.astype(np.float64), has_map
+
+
+def _short(value, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _build(c2, grid: _Grid, q_sel, phi_sel, frame_range, dt, attrs) -> xr.Dataset:
@@ -389,6 +433,9 @@ def _check_dt(dt) -> float:
     numeric = isinstance(dt, (int, float, np.number)) and not isinstance(dt, bool)
     if not (numeric and np.isfinite(dt) and dt > 0):
         raise ConfigError(f"dt = {dt!r}: must be a finite number > 0 (s)")
+    lo, hi = _hdf.DT_RANGE
+    if not lo <= dt <= hi:
+        raise ConfigError(f"dt = {dt!r}: outside {lo:g} .. {hi:g} s")
     return float(dt)
 
 

@@ -179,6 +179,12 @@ def _solve(evaluator, ds, cfg, layout, L, progress):
     _say(progress, f"xpcsfit: {state.termination} after {state.iteration} iterations, "
                    f"{state.passes} data passes")
     ne = state.ne
+    if not (np.isfinite(ne.cost) and np.all(np.isfinite(ne.jtj))):
+        # extreme bounds (e.g. D0 in [1e200, 1e300]) overflow the model; the covariance
+        # of non-finite normal equations would fail with a LinAlgError
+        at = ", ".join(f"{n}={v:.4g}" for n, v in zip(layout.physics, state.x[: layout.p]))
+        raise ConfigError(f"{ds.attrs['source']}: the model is not finite at {at} "
+                          f"(dt = {ds.attrs['dt']:g} s); check the bounds")
     P = layout.size
     dof = ne.n - P
     chi2 = 2.0 * ne.cost

@@ -18,11 +18,14 @@ Two layouts are understood, told apart by their keys:
     default: older files written without frame averaging or striding omit them).
 
 Every value read is validated (DESIGN.md §3): grids are finite, real and (APS-U)
-distinct, q is positive where a map exists, bins and index mappings are integers that
-place each map in exactly one grid cell, map numbers are unique, frame times are finite
-and positive, frame counts (stride, avg) are positive whole numbers. A damaged file
-(HDF5 metadata or a chunk that cannot be read) is an :class:`InputError` naming the
-file and the key, like any other bad value.
+distinct; where a map exists q lies in :data:`Q_RANGE` and |phi| <= 360°; bins and
+index mappings are integers that place each map in exactly one grid cell; map numbers
+are unique; frame counts (stride, avg) are positive whole numbers and dt lies in
+:data:`DT_RANGE`. The ranges hold every XPCS measurement by orders of magnitude; values
+outside them are damaged or mislabelled (a frame time of 1e300 s made the model, and so
+the fit, non-finite; a q of 1e-300 1/Å gave a meaningless "converged" fit). A damaged
+file (HDF5 metadata or a chunk that cannot be read) is an :class:`InputError` naming
+the file and the key, like any other bad value.
 
 Everything here is cheap metadata work except :class:`C2Reader`, which reads the slices
 of the maps that a dask chunk needs.
@@ -58,6 +61,10 @@ LEGACY_PHI = "/xpcs/dphilist"
 LEGACY_EXPOSURE = "/measurement/instrument/detector/exposure_period"
 LEGACY_AVG = "/xpcs/avg_frames"
 LEGACY_STRIDE = "/xpcs/stride_frames"
+
+Q_RANGE = (1e-6, 10.0)  # 1/Å: from ~mm length scales to beyond wide-angle XPCS
+DT_RANGE = (1e-9, 1e5)  # s per two-time frame: from faster than any XPCS detector to a day
+PHI_LIMIT = 360.0  # deg
 
 _APSU_NAME = re.compile(r"^c2_(\d+)$")
 _LEGACY_NAME = re.compile(r"^g2_(\d+)$")
@@ -168,7 +175,8 @@ def read_info(path: str | Path) -> FileInfo:
     ------
     InputError
         Missing key, wrong shape or dtype, bin outside the index mapping, two maps in
-        one grid cell, non-finite or repeated grid values, q <= 0 where a map exists,
+        one grid cell, non-finite or repeated grid values, q outside Q_RANGE or
+        |phi| > 360 where a map exists,
         maps not square, not floating point or not all of one shape, neither layout
         recognised, or HDF5 content that cannot be read.
     """
@@ -224,8 +232,7 @@ def read_dt(path: str | Path, layout: str) -> float:
     InputError
         A timing key is missing (stride/avg only for APS-U), not one real number, a
         frame time not finite and positive, a frame count (stride, avg) not a positive
-        whole number, or their product not a finite positive number; the message
-        names the key.
+        whole number, or their product outside DT_RANGE; the message names the key.
     """
     path = Path(path)
     with open_h5(path) as f:
@@ -245,8 +252,11 @@ def read_dt(path: str | Path, layout: str) -> float:
             if not (np.isfinite(value) and value >= 1 and value == round(value)):
                 raise InputError(f"{path}: {key} = {value!r} is not a positive whole number of frames")
             dt *= value
-    if not (np.isfinite(dt) and dt > 0):
-        raise InputError(f"{path}: time step {time_key} x stride x avg = {dt!r} s is not a finite positive number")
+    if not DT_RANGE[0] <= dt <= DT_RANGE[1]:
+        raise InputError(
+            f"{path}: time step {time_key} x stride x avg = {dt:.6g} s is outside "
+            f"{DT_RANGE[0]:g} .. {DT_RANGE[1]:g} s"
+        )
     return float(dt)
 
 
@@ -384,7 +394,8 @@ def _apsu_maps(f: h5py.File, path: Path):
             )
         maps[cell] = f"{APSU_MAPS}/{name}"
     q_grid, phi_grid = (dim0, dim1) if q_dim == 0 else (dim1, dim0)
-    _check_positive_q(path, APSU_Q if q_dim == 0 else APSU_PHI, q_grid, maps)
+    q_key, phi_key = (APSU_Q, APSU_PHI) if q_dim == 0 else (APSU_PHI, APSU_Q)
+    _check_bin_values(path, q_key, phi_key, q_grid, phi_grid, maps)
     return q_grid, phi_grid, maps
 
 
@@ -407,17 +418,23 @@ def _legacy_maps(f: h5py.File, path: Path):
                 f"q={q:.6g}, phi={phi:.6g} ({LEGACY_Q} / {LEGACY_PHI})"
             )
         maps[cell] = f"{LEGACY_MAPS}/{name}"
-    _check_positive_q(path, LEGACY_Q, q_grid, maps)
+    _check_bin_values(path, LEGACY_Q, LEGACY_PHI, q_grid, phi_grid, maps)
     return q_grid, phi_grid, maps
 
 
-def _check_positive_q(path, key, q_grid, maps) -> None:
-    """q <= 0 where a map exists: the model's q² and q·L terms would be meaningless."""
-    for (iq, _), name in sorted(maps.items()):
-        if not q_grid[iq] > 0:
+def _check_bin_values(path, q_key, phi_key, q_grid, phi_grid, maps) -> None:
+    """q in Q_RANGE and |phi| <= PHI_LIMIT for every bin that has a map."""
+    for (iq, ip), name in sorted(maps.items()):
+        name = name.rsplit("/", 1)[1]
+        if not Q_RANGE[0] <= q_grid[iq] <= Q_RANGE[1]:
             raise InputError(
-                f"{path}: {key} gives q = {q_grid[iq]:.6g} 1/Å for map {name.rsplit('/', 1)[1]}; "
-                "q must be > 0"
+                f"{path}: {q_key} gives q = {q_grid[iq]:.6g} 1/Å for map {name}, outside "
+                f"{Q_RANGE[0]:g} .. {Q_RANGE[1]:g} 1/Å"
+            )
+        if not abs(phi_grid[ip]) <= PHI_LIMIT:
+            raise InputError(
+                f"{path}: {phi_key} gives phi = {phi_grid[ip]:.6g} deg for map {name}, outside "
+                f"-{PHI_LIMIT:g} .. {PHI_LIMIT:g} deg"
             )
 
 
