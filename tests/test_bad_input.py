@@ -339,7 +339,7 @@ def _mutated_file_case(capsys, valid, layout, mutation):
 
 
 @pytest.mark.slow
-@settings(max_examples=45, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(mutation=file_mutation("aps-u"))
 def test_mutated_aps_u_file_fits_or_fails_in_one_line(mutation, valid, client, capsys):
     _mutated_file_case(capsys, valid, "aps-u", mutation)
@@ -448,15 +448,15 @@ CONFIG_PATHS = [
 
 @st.composite
 def config_mutation(draw):
+    """(config, path of the key changed, operation): one key of BASE_CONFIG set to garbage,
+    deleted, or its bounds inverted."""
     cfg = json.loads(json.dumps(BASE_CONFIG))
     path = draw(st.sampled_from(CONFIG_PATHS))
     op = draw(st.sampled_from(["garbage", "garbage", "delete", "invert"]))
     *parents, last = path
     node = cfg
     for p in parents:
-        node = node.setdefault(p, {} if not isinstance(p, int) else [])
-        if not isinstance(node, (dict, list)):
-            break
+        node = node.setdefault(p, {})
     if op == "invert" and path[0] == "bounds" and len(path) >= 2:
         lo, hi = cfg["bounds"].get(path[1], [0.5, 1.5])
         cfg["bounds"][path[1]] = [hi, lo]
@@ -468,18 +468,14 @@ def config_mutation(draw):
     return cfg, path, op
 
 
-def _dump(cfg) -> str:
-    return yaml.safe_dump(cfg, allow_unicode=True)
-
-
 @pytest.mark.slow
-@settings(max_examples=50, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(case=config_mutation())
 def test_mutated_config_fits_or_fails_in_one_line(case, valid, client, capsys):
     cfg, path, op = case
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path = Path(tmp) / "mutated.yaml"
-        cfg_path.write_text(_dump(cfg))
+        cfg_path.write_text(yaml.safe_dump(cfg, allow_unicode=True))
         o = run_fit(capsys, valid["aps-u"], Path(tmp) / "out", "--config", cfg_path)
         names = [str(p) for p in path] + ["initial.", "bounds."]
         outcome = check(o, Path(tmp) / "out", str(cfg_path), names)
@@ -497,7 +493,7 @@ BROKEN_YAML = [
 
 
 @pytest.mark.slow
-@settings(max_examples=30, **SETTINGS)
+@settings(max_examples=25, **SETTINGS)
 @given(text=st.one_of(st.sampled_from(BROKEN_YAML).map(str.encode), st.binary(max_size=48),
                       st.text(max_size=48).map(lambda t: t.encode("utf-8", "surrogatepass")),
                       st.sampled_from([b"\xff\xfe\x00m\x00o", b"mode: static\n\xc3\x28\n", b"\x89HDF\r\n\x1a\n"])))
@@ -686,17 +682,15 @@ def test_one_line_and_exit_code_through_a_subprocess(valid, tmp_path):
     no_bins = _mutate(valid, tmp_path, lambda f: f.__delitem__(_hdf.APSU_BINS))
     truncated = tmp_path / "truncated.hdf"
     truncated.write_bytes(valid["aps-u"].read_bytes()[:5000])
-    binary = tmp_path / "binary.yaml"
-    binary.write_bytes(bytes(range(256)))
     syntax = tmp_path / "syntax.yaml"
     syntax.write_text("bounds: {D0: [1, 2\n")
     cases = [
         ([no_bins], 2, f"xpcsfit: error: {no_bins}: missing key /xpcs/twotime/processed_bins"),
         ([truncated], 2, f"xpcsfit: error: {truncated}: cannot open as HDF5"),
-        ([valid["aps-u"], "--config", binary], 3, f"xpcsfit: error: {binary}: line 2: not UTF-8 text (byte 0x80)"),
         ([valid["aps-u"], "--config", syntax], 3, f"xpcsfit: error: {syntax}: line 2, column 1: not valid YAML"),
     ]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's xpcsfit, as in this process
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     procs = [subprocess.Popen([sys.executable, "-m", "xpcsfit.cli", "fit", *map(str, args), "--out",
                                str(tmp_path / f"out{i}")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env)
@@ -769,7 +763,7 @@ STORE_ATTRS = ["dt", "n_frames", "tile", "q_index", "q_grid", "has_map", "L", "s
 
 
 @pytest.mark.slow
-@settings(max_examples=20, **SETTINGS)
+@settings(max_examples=15, **SETTINGS)
 @given(key=st.sampled_from(STORE_ATTRS), value=GARBAGE, drop=st.booleans())
 def test_store_attributes_edited_fit_or_fail_in_one_line(key, value, drop, valid_store, client, capsys):
     """The root attributes of an ingested store replaced by garbage, or removed."""

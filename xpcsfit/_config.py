@@ -154,7 +154,7 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: expected a mapping of settings (key: value) at the top level, "
-            f"got {type(data).__name__} {_short(data)}"
+            f"got {type(data).__name__} {short_repr(data)}"
         )
     return data
 
@@ -166,7 +166,7 @@ def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
         mark = exc.problem_mark or exc.context_mark
         if mark is not None:
             line, column = mark.line + 1, mark.column + 1
-        problem = exc.problem or exc.context
+        problem = exc.problem or exc.context or "syntax error"
     elif isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
         line = text.count("\n", 0, exc.position) + 1
         column = exc.position - text.rfind("\n", 0, exc.position)
@@ -213,9 +213,10 @@ def _validation_message(exc: ValidationError, where: str, overrides: dict) -> st
         model = SolverOptions if loc[0] == "solver" and len(loc) > 1 else FitConfig
         msg = f"unknown key (known: {', '.join(model.model_fields)})"
     source = "option " if loc[0] in overrides else f"{where}: "
-    return f"{source}{'.'.join(loc)}: {msg} (got {_short(err['input'])})"
+    return f"{source}{'.'.join(loc)}: {msg} (got {short_repr(err['input'])})"
 
 
-def _short(value, limit: int = 60) -> str:
+def short_repr(value, limit: int = 60) -> str:
+    """repr of a value given by the user, on one line and at most ``limit`` characters."""
     text = " ".join(repr(value).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -16,6 +16,7 @@ import numpy as np
 import xarray as xr
 
 from . import _hdf, _store
+from ._config import short_repr
 from ._errors import ConfigError, InputError
 from ._tiles import tile_edges
 
@@ -266,7 +267,7 @@ def _store_grid(path: Path, raw: xr.Dataset):
     shape = raw["c2"].shape
 
     def bad(key, why):
-        return InputError(f"{path}: store attribute {key} = {_short(a.get(key))} {why}")
+        return InputError(f"{path}: store attribute {key} = {short_repr(a.get(key))} {why}")
 
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
@@ -300,11 +301,6 @@ def _store_grid(path: Path, raw: xr.Dataset):
     if has_map.dtype != bool or has_map.shape != tuple(shape[:2]):
         raise bad("has_map", f"is not a {shape[0]} x {shape[1]} array of booleans")
     return list(stored), np.asarray(q_grid, np.float64), phi_grid.astype(np.float64), has_map
-
-
-def _short(value, limit: int = 60) -> str:
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _build(c2, grid: _Grid, q_sel, phi_sel, frame_range, dt, attrs) -> xr.Dataset:
