@@ -17,12 +17,23 @@ Two layouts are understood, told apart by their keys:
     ``/xpcs/stride_frames``; the last two are taken as 1 when absent (documented
     default: older files written without frame averaging or striding omit them).
 
+Every value read is validated (DESIGN.md §3): grids are finite, real and (APS-U)
+distinct; where a map exists q lies in :data:`Q_RANGE` and |phi| <= 360°; bins and
+index mappings are integers that place each map in exactly one grid cell; map numbers
+are unique; frame counts (stride, avg) are positive whole numbers and dt lies in
+:data:`DT_RANGE`. The ranges hold every XPCS measurement by orders of magnitude; values
+outside them are damaged or mislabelled (a frame time of 1e300 s made the model, and so
+the fit, non-finite; a q of 1e-300 1/Å gave a meaningless "converged" fit). A damaged
+file (HDF5 metadata or a chunk that cannot be read) is an :class:`InputError` naming
+the file and the key, like any other bad value.
+
 Everything here is cheap metadata work except :class:`C2Reader`, which reads the slices
 of the maps that a dask chunk needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from dataclasses import dataclass
@@ -50,6 +61,10 @@ LEGACY_PHI = "/xpcs/dphilist"
 LEGACY_EXPOSURE = "/measurement/instrument/detector/exposure_period"
 LEGACY_AVG = "/xpcs/avg_frames"
 LEGACY_STRIDE = "/xpcs/stride_frames"
+
+Q_RANGE = (1e-6, 10.0)  # 1/Å: from ~mm length scales to beyond wide-angle XPCS
+DT_RANGE = (1e-9, 1e5)  # s per two-time frame: from faster than any XPCS detector to a day
+PHI_LIMIT = 360.0  # deg
 
 _APSU_NAME = re.compile(r"^c2_(\d+)$")
 _LEGACY_NAME = re.compile(r"^g2_(\d+)$")
@@ -132,7 +147,11 @@ def open_h5(path: str | Path) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    if not h5py.is_hdf5(path):
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({_one_line(exc)})") from exc
+    if not is_hdf5:
         raise InputError(f"{path}: not an HDF5 file")
     try:
         return h5py.File(path, "r")
@@ -155,8 +174,11 @@ def read_info(path: str | Path) -> FileInfo:
     Raises
     ------
     InputError
-        Missing key, wrong shape, bin outside the index mapping, non-finite grid,
-        maps not square or not all of one shape, or neither layout recognised.
+        Missing key, wrong shape or dtype, bin outside the index mapping, two maps in
+        one grid cell, non-finite or repeated grid values, q outside Q_RANGE or
+        |phi| > 360 where a map exists,
+        maps not square, not floating point or not all of one shape, neither layout
+        recognised, or HDF5 content that cannot be read.
     """
     path = Path(path)
     with open_h5(path) as f:
@@ -177,7 +199,8 @@ def detect_layout(f: h5py.File, path: Path) -> str:
     InputError
         Neither or both map groups are present.
     """
-    apsu, legacy = APSU_MAPS in f, LEGACY_MAPS in f
+    with _hdf5_errors(path, "the map groups"):
+        apsu, legacy = APSU_MAPS in f, LEGACY_MAPS in f
     if apsu and legacy:
         raise InputError(f"{path}: holds both {APSU_MAPS} and {LEGACY_MAPS}; layout is ambiguous")
     if apsu:
@@ -207,23 +230,33 @@ def read_dt(path: str | Path, layout: str) -> float:
     Raises
     ------
     InputError
-        A timing key is missing (stride/avg only for APS-U), or a value is not finite
-        and positive; the message names the key.
+        A timing key is missing (stride/avg only for APS-U), not one real number, a
+        frame time not finite and positive, a frame count (stride, avg) not a positive
+        whole number, or their product outside DT_RANGE; the message names the key.
     """
     path = Path(path)
     with open_h5(path) as f:
         if layout == "aps-u":
-            keys = [(APSU_FRAME_TIME, True), (APSU_STRIDE, True), (APSU_AVG, True)]
+            time_key, counts = APSU_FRAME_TIME, [(APSU_STRIDE, True), (APSU_AVG, True)]
         else:
-            keys = [(LEGACY_EXPOSURE, True), (LEGACY_AVG, False), (LEGACY_STRIDE, False)]
-        dt = 1.0
-        for key, required in keys:
-            if key not in f and not required:
+            time_key, counts = LEGACY_EXPOSURE, [(LEGACY_AVG, False), (LEGACY_STRIDE, False)]
+        dt = _scalar(f, time_key, path)
+        if not (np.isfinite(dt) and dt > 0):
+            raise InputError(f"{path}: {time_key} = {dt!r} is not a finite positive number")
+        for key, required in counts:
+            with _hdf5_errors(path, key):
+                present = key in f
+            if not present and not required:
                 continue
             value = _scalar(f, key, path)
-            if not (np.isfinite(value) and value > 0):
-                raise InputError(f"{path}: {key} = {value!r} is not a finite positive number")
+            if not (np.isfinite(value) and value >= 1 and value == round(value)):
+                raise InputError(f"{path}: {key} = {value!r} is not a positive whole number of frames")
             dt *= value
+    if not DT_RANGE[0] <= dt <= DT_RANGE[1]:
+        raise InputError(
+            f"{path}: time step {time_key} x stride x avg = {dt:.6g} s is outside "
+            f"{DT_RANGE[0]:g} .. {DT_RANGE[1]:g} s"
+        )
     return float(dt)
 
 
@@ -338,8 +371,8 @@ def _apsu_maps(f: h5py.File, path: Path):
         raise InputError(
             f"{path}: {APSU_BINS} has {bins.size} entries but {APSU_MAPS} holds {len(names)} maps"
         )
-    dim0 = _float_vector(f, APSU_Q, path)
-    dim1 = _float_vector(f, APSU_PHI, path)
+    dim0 = _float_vector(f, APSU_Q, path, distinct=True)
+    dim1 = _float_vector(f, APSU_PHI, path, distinct=True)
     mapping = _int_vector(f, APSU_INDEX_MAPPING, path)
     num_pts = _int_vector(f, APSU_NUM_PTS, path)
     if num_pts.size != 2 or tuple(num_pts) != (dim0.size, dim1.size):
@@ -347,7 +380,7 @@ def _apsu_maps(f: h5py.File, path: Path):
             f"{path}: {APSU_NUM_PTS} = {num_pts.tolist()} does not match the grid sizes "
             f"({dim0.size}, {dim1.size}) of {APSU_Q} and {APSU_PHI}"
         )
-    map_names = [_decode(v).strip().lower() for v in np.ravel(_require(f, APSU_MAP_NAMES, path)[()])]
+    map_names = [_decode(v).strip().lower() for v in np.ravel(_read(f, APSU_MAP_NAMES, path))]
     if map_names == ["q", "phi"]:
         q_dim = 0
     elif map_names == ["phi", "q"]:
@@ -374,10 +407,12 @@ def _apsu_maps(f: h5py.File, path: Path):
         if cell in maps:
             raise InputError(
                 f"{path}: maps {maps[cell].rsplit('/', 1)[1]} and {name} both belong to bin "
-                f"(q index {cell[0]}, phi index {cell[1]})"
+                f"(q index {cell[0]}, phi index {cell[1]}) ({APSU_BINS} / {APSU_INDEX_MAPPING})"
             )
         maps[cell] = f"{APSU_MAPS}/{name}"
     q_grid, phi_grid = (dim0, dim1) if q_dim == 0 else (dim1, dim0)
+    q_key, phi_key = (APSU_Q, APSU_PHI) if q_dim == 0 else (APSU_PHI, APSU_Q)
+    _check_bin_values(path, q_key, phi_key, q_grid, phi_grid, maps)
     return q_grid, phi_grid, maps
 
 
@@ -397,27 +432,51 @@ def _legacy_maps(f: h5py.File, path: Path):
         if cell in maps:
             raise InputError(
                 f"{path}: maps {maps[cell].rsplit('/', 1)[1]} and {name} both have "
-                f"q={q:.6g}, phi={phi:.6g}"
+                f"q={q:.6g}, phi={phi:.6g} ({LEGACY_Q} / {LEGACY_PHI})"
             )
         maps[cell] = f"{LEGACY_MAPS}/{name}"
+    _check_bin_values(path, LEGACY_Q, LEGACY_PHI, q_grid, phi_grid, maps)
     return q_grid, phi_grid, maps
 
 
+def _check_bin_values(path, q_key, phi_key, q_grid, phi_grid, maps) -> None:
+    """q in Q_RANGE and |phi| <= PHI_LIMIT for every bin that has a map."""
+    for (iq, ip), name in sorted(maps.items()):
+        name = name.rsplit("/", 1)[1]
+        if not Q_RANGE[0] <= q_grid[iq] <= Q_RANGE[1]:
+            raise InputError(
+                f"{path}: {q_key} gives q = {q_grid[iq]:.6g} 1/Å for map {name}, outside "
+                f"{Q_RANGE[0]:g} .. {Q_RANGE[1]:g} 1/Å"
+            )
+        if not abs(phi_grid[ip]) <= PHI_LIMIT:
+            raise InputError(
+                f"{path}: {phi_key} gives phi = {phi_grid[ip]:.6g} deg for map {name}, outside "
+                f"-{PHI_LIMIT:g} .. {PHI_LIMIT:g} deg"
+            )
+
+
 def _sorted_map_names(f, path, group, pattern, what):
-    grp = f[group]
-    if not isinstance(grp, h5py.Group):
-        raise InputError(f"{path}: {group} is not a group")
+    with _hdf5_errors(path, group):
+        grp = f[group]
+        if not isinstance(grp, h5py.Group):
+            raise InputError(f"{path}: {group} is not a group")
+        listed = list(grp)
     # numeric sort equals the writers' zero-padded name sort, and stays right past 99999
-    names = sorted((n for n in grp if pattern.match(n)), key=lambda n: int(pattern.match(n)[1]))
+    names = sorted((n for n in listed if pattern.match(n)), key=lambda n: int(pattern.match(n)[1]))
     if not names:
         raise InputError(f"{path}: {group} holds no {what} maps")
+    for a, b in zip(names, names[1:]):
+        # c2_7 and c2_00007 would make the map order, and so the bin of each map, ambiguous
+        if int(pattern.match(a)[1]) == int(pattern.match(b)[1]):
+            raise InputError(f"{path}: maps {group}/{a} and {b} have the same number")
     return names
 
 
 def _check_map_shapes(f, path, keys) -> int:
     shape = None
     for key in keys:
-        ds = f[key]
+        with _hdf5_errors(path, key):
+            ds = f[key]
         if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[0] != ds.shape[1]:
             got = ds.shape if isinstance(ds, h5py.Dataset) else "a group"
             raise InputError(f"{path}: {key} is not a square 2-D map (shape {got})")
@@ -425,48 +484,84 @@ def _check_map_shapes(f, path, keys) -> int:
             shape = ds.shape
         elif ds.shape != shape:
             raise InputError(f"{path}: {key} has shape {ds.shape}, other maps {shape}")
-        if not np.issubdtype(ds.dtype, np.floating):
+        if ds.dtype.kind != "f":
             raise InputError(f"{path}: {key} has dtype {ds.dtype}, expected floating point")
     if shape[0] < 3:
         raise InputError(f"{path}: maps are {shape[0]}x{shape[0]}; at least 3 frames are needed")
     return int(shape[0])
 
 
+@contextlib.contextmanager
+def _hdf5_errors(path, what):
+    """Turn an HDF5 failure while reading ``what`` into InputError naming file and key.
+
+    h5py reports damaged metadata, dangling links and unreadable chunks of a file as
+    OSError, KeyError or RuntimeError.
+    """
+    try:
+        yield
+    except (OSError, KeyError, RuntimeError) as exc:
+        raise InputError(f"{path}: cannot read {what} ({_one_line(exc)})") from exc
+
+
 def _require(f, key, path):
-    if key not in f:
+    with _hdf5_errors(path, key):
+        present = key in f
+        obj = f[key] if present else None
+    if not present:
         raise InputError(f"{path}: missing key {key}")
-    obj = f[key]
     if not isinstance(obj, h5py.Dataset):
         raise InputError(f"{path}: {key} is a group, expected a dataset")
     return obj
 
 
+def _read(f, key, path) -> np.ndarray:
+    """The whole value of dataset ``key`` (an HDF5 empty dataset reads as a 0-d object array)."""
+    obj = _require(f, key, path)
+    with _hdf5_errors(path, key):
+        return np.asarray(obj[()])
+
+
+def _describe(value: np.ndarray) -> str:
+    """Shape, dtype and, when small, the values themselves, for messages."""
+    text = f"shape {value.shape}, dtype {value.dtype}"
+    if 0 < value.size <= 4:
+        text += f": {_one_line(np.array2string(value.ravel(), max_line_width=80, threshold=4))[:80]}"
+    return text
+
+
+def _is_real(value: np.ndarray) -> bool:
+    return value.dtype.kind in "iuf"  # bool, complex, strings and objects are not numbers here
+
+
 def _scalar(f, key, path) -> float:
-    value = np.asarray(_require(f, key, path)[()])
+    value = _read(f, key, path)
     # legacy files often store scalars as (1, 1) arrays
-    if value.size != 1 or not np.issubdtype(value.dtype, np.number):
-        raise InputError(f"{path}: {key} should be one number, got shape {value.shape} {value.dtype}")
+    if value.size != 1 or not _is_real(value):
+        raise InputError(f"{path}: {key} should be one real number, got {_describe(value)}")
     return float(value.ravel()[0])
 
 
-def _float_vector(f, key, path, allow_row=False) -> np.ndarray:
-    value = np.asarray(_require(f, key, path)[()])
+def _float_vector(f, key, path, allow_row=False, distinct=False) -> np.ndarray:
+    value = _read(f, key, path)
     if allow_row and value.ndim == 2 and value.shape[0] == 1:
         value = value[0]
-    if value.ndim != 1 or value.size == 0 or not np.issubdtype(value.dtype, np.number):
-        raise InputError(f"{path}: {key} should be a non-empty 1-D numeric array, got shape {value.shape}")
+    if value.ndim != 1 or value.size == 0 or not _is_real(value):
+        raise InputError(f"{path}: {key} should be a non-empty 1-D array of real numbers, got {_describe(value)}")
     value = value.astype(np.float64)
     if not np.all(np.isfinite(value)):
         raise InputError(f"{path}: {key} holds non-finite values")
+    if distinct and np.unique(value).size != value.size:
+        raise InputError(f"{path}: {key} holds repeated values; grid bins must be distinct")
     return value
 
 
 def _int_vector(f, key, path) -> np.ndarray:
-    value = np.asarray(_require(f, key, path)[()])
-    if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
-        raise InputError(
-            f"{path}: {key} should be a 1-D integer array, got shape {value.shape} {value.dtype}"
-        )
+    value = _read(f, key, path)
+    if value.ndim != 1 or value.dtype.kind not in "iu":
+        raise InputError(f"{path}: {key} should be a 1-D integer array, got {_describe(value)}")
+    if value.dtype.kind == "u" and value.size and value.max() > np.iinfo(np.int64).max:
+        raise InputError(f"{path}: {key} holds {value.max()}, too large for a bin index")
     return value.astype(np.int64)
 
 
@@ -476,8 +571,12 @@ def _round_rel(values: np.ndarray) -> np.ndarray:
 
 
 def _decode(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    # undecodable bytes show as U+FFFD in the message instead of failing the decode
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
+    """A message on one line; a KeyError's text without the quotes its str() adds."""
+    if isinstance(exc, KeyError) and exc.args:
+        exc = str(exc.args[0])
     return " ".join(str(exc).split())
