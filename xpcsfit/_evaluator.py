@@ -15,6 +15,7 @@ whatever the number of parts or workers, and in process.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from functools import reduce
@@ -22,11 +23,24 @@ from operator import add
 
 import numpy as np
 
+from ._cluster import workers_info
+from ._errors import ConfigError
 from ._kernel import BlockSums, ParameterLayout, Tile, tile_block_sums, tile_costs, tile_lag_sums
 from ._solver import NormalEquations
 from ._tiles import TileSpec
 
 FAN_IN = 2
+MiB = 2**20
+
+# Peak memory of a worker for one tile, in units of the tile's padded bytes (c2 float32
+# and weight float64), measured above an idle worker at 1024 frames × 4 phi: loading it
+# 2.5×, block sums 3.6×, costs 4.1×, writing its fitted and residual chunks 7.3× (the
+# float64 model and its float32 copies).
+WORKSPACE_FACTOR = 8
+# XLA compiling the tile kernels in a fresh worker: measured up to +167 MiB of process
+# memory (block sums), which the heap keeps afterwards, so a worker that has compiled
+# needs no more.
+COMPILE_BYTES = 256 * MiB
 
 
 def _to_normal_equations(sums: BlockSums) -> NormalEquations:
@@ -107,6 +121,28 @@ def kernel_compilations() -> int:
     return sum(f._cache_size() for f in (_tile_block_sums, _tile_costs, _tile_model))
 
 
+def worker_memory() -> tuple[int, int]:
+    """Worker check: (resident bytes of this process, compiled tile-kernel variants)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss, kernel_compilations()
+
+
+def memory_threshold() -> float:
+    """Fraction of memory_limit at which a Dask worker stops running tasks.
+
+    The worker pauses at ``distributed.worker.memory.pause`` (a paused worker never runs
+    the fit's next pass), else the nanny restarts it at ``…terminate``.
+    """
+    import dask
+
+    for key in ("pause", "terminate"):
+        value = dask.config.get(f"distributed.worker.memory.{key}")
+        if value:
+            return float(value)
+    return 1.0
+
+
 def _load_part(specs: list[TileSpec]) -> list[Tile]:
     """Worker task: load the tiles of one part (held storage)."""
     return [s.load() for s in specs]
@@ -168,7 +204,8 @@ class DaskEvaluator:
         small specs on the workers and read each tile from its source in every pass, so
         a worker's memory is bounded by a few tiles whatever the data size. "auto":
         hold when the padded tiles take at most :data:`HOLD_FRACTION` of the workers'
-        summed memory limit, else stream.
+        summed memory limit and fit beside the kernel workspace (see
+        :meth:`_shortfall`), else stream.
 
     Notes
     -----
@@ -182,6 +219,10 @@ class DaskEvaluator:
     ------
     XpcsfitError
         Whatever a tile load raised (e.g. InputError for non-finite c2), re-raised here.
+    ConfigError
+        Before any tile is loaded, if a worker's memory_limit is too small for one tile
+        and its kernel workspace (or, held, for its tiles); and, in place of Dask's
+        KilledWorker, if worker processes kept dying while loading or evaluating tiles.
     """
 
     HOLD_FRACTION = 0.4
@@ -202,36 +243,132 @@ class DaskEvaluator:
         self._token = uuid.uuid4().hex[:8]
         self.n_tiles = len(specs)
         self.tile_bytes = sum(s.nbytes for s in specs)
-        self.storage = self._choose_storage(storage)
         self.bin_starts = [s.bin_start for s in specs]
-        workers = sorted(client.scheduler_info()["workers"])
+        self._tile_shape = (specs[0].size, specs[0].phi.size) if specs else (0, 0)
+        info = workers_info(client)
+        workers = sorted(info)
         self.n_workers = max(1, len(workers))  # at the start
+        self._limits = {w: info[w].get("memory_limit") or 0 for w in workers}
         size = part_size(len(specs), len(workers))
         groups = [list(specs[i : i + size]) for i in range(0, len(specs), size)]
+        self.storage = self._choose_storage(storage, groups, workers)
         self.parts = []
         place = _load_part if self.storage == "held" else _keep_part
         for i, group in enumerate(groups):
             where = dict(workers=[workers[i % len(workers)]], allow_other_workers=True) if workers else {}
             self.parts.append(client.submit(place, group, key=f"xpcsfit-part-{self._token}-{i}", **where))
-        wait(self.parts)
-        for f in self.parts:
-            if f.status == "error":
-                f.result()  # re-raises the load's exception here
+        if workers:
+            self._release_placement([f.key for f in self.parts])
+        pending = set(self.parts)
+        while pending and not any(f.status == "error" for f in self.parts):
+            _, pending = wait(pending, return_when="FIRST_COMPLETED")
+        failed = [f for f in self.parts if f.status == "error"]
+        if failed:
+            try:
+                with self._workers_dying("loading the tiles", self.parts):
+                    failed[0].result()  # re-raises the load's exception here
+            finally:
+                client.cancel(self.parts)  # the other parts are not needed now
         # Compile counters are per worker process and cumulative; keep the baseline so the
         # result reports what this fit compiled, and what it compiled once warm.
         self._compiled_at_start = self.compilations()
         self._compiled_when_warm: dict | None = None
 
-    def _choose_storage(self, storage: str) -> str:
-        if storage == "hold":
-            return "held"
-        if storage == "stream":
-            return "streamed"
-        limits = [w.get("memory_limit") or 0 for w in self.client.scheduler_info()["workers"].values()]
-        if not limits or min(limits) == 0:
-            return "held"  # no memory limit set on the workers
-        return "held" if self.tile_bytes <= self.HOLD_FRACTION * sum(limits) else "streamed"
+    def _release_placement(self, keys: list) -> None:
+        """Drop the parts' worker restrictions once the scheduler has placed them.
 
+        They only spread the parts evenly at the start. Kept, a part lost while no
+        worker was running (every worker died, or the only one) would wait in Dask's
+        no-worker state for a worker of its old address forever: new workers do not
+        take it, allow_other_workers notwithstanding (dask/distributed#7346).
+        """
+        scheduler = self.client.scheduler
+        # The submissions travel on another connection: wait until the scheduler has them.
+        deadline = time.monotonic() + 60
+        while None in self.client.sync(scheduler.get_task_status, keys=keys).values():
+            if time.monotonic() > deadline:
+                raise RuntimeError("internal error: the scheduler did not receive the part tasks in 60 s")
+            time.sleep(0.005)
+        self.client.sync(scheduler.set_restrictions, worker=dict.fromkeys(keys))
+
+    def _choose_storage(self, storage: str, groups: list, workers: list) -> str:
+        """Return "held" or "streamed" (see the class docstring), checked against the workers' memory.
+
+        Raises
+        ------
+        ConfigError
+            If a worker's memory_limit cannot take one tile and its kernel workspace
+            (streamed), or the tiles it would hold as well (held).
+        """
+        limited = [w for w in workers if self._limits[w]]
+        memory = self.client.run(worker_memory, workers=limited) if limited else {}
+        limits = list(self._limits.values())
+        if storage == "auto" and (not limits or min(limits) == 0):
+            storage = "hold"  # no memory limit set on the workers
+        elif storage == "auto":
+            fits = self.tile_bytes <= self.HOLD_FRACTION * sum(limits)
+            fits = fits and self._shortfall("held", groups, workers, memory) is None
+            storage = "hold" if fits else "stream"
+        chosen = "held" if storage == "hold" else "streamed"
+        problem = self._shortfall(chosen, groups, workers, memory)
+        if problem is not None:
+            raise ConfigError(problem)
+        return chosen
+
+    def _shortfall(self, storage: str, groups: list, workers: list, memory: dict) -> str | None:
+        """Why some worker cannot run this fit within its memory_limit, or None.
+
+        A worker needs, above what its process already uses: WORKSPACE_FACTOR × one
+        tile's bytes, COMPILE_BYTES if it has not compiled a tile kernel yet, and (held)
+        the tiles of the parts placed on it; all within :func:`memory_threshold` of its
+        memory_limit. Workers without a limit are not checked.
+        """
+        size, n_phi = self._tile_shape
+        one_tile = max((s.nbytes for g in groups for s in g), default=0)
+        threshold = memory_threshold()
+        for k, w in enumerate(workers):
+            limit = self._limits[w]
+            if not limit or w not in memory:
+                continue
+            rss, compiled = memory[w]
+            held = sum(s.nbytes for g in groups[k :: len(workers)] for s in g) if storage == "held" else 0
+            compile_bytes = 0 if compiled else COMPILE_BYTES
+            need = WORKSPACE_FACTOR * one_tile + compile_bytes + held
+            if rss + need <= threshold * limit:
+                continue
+            parts = [f"{WORKSPACE_FACTOR * one_tile / MiB:.0f} MiB for one tile and its kernel workspace"]
+            if compile_bytes:
+                parts.append(f"{compile_bytes / MiB:.0f} MiB to compile the kernels")
+            if held:
+                parts.append(f"{held / MiB:.0f} MiB of held tiles")
+            fix = "choose a smaller tile (config tile: / --tile)"
+            fix += ", stream the tiles (config memory: stream)" if held else ""
+            return (f"tiles of {size} frames × {n_phi} phi need about {need / MiB:.0f} MiB on worker {w} "
+                    f"({' + '.join(parts)}), but its memory_limit is {limit / MiB:.0f} MiB, it uses "
+                    f"{rss / MiB:.0f} MiB already and stops running tasks at {threshold:.0%} of the "
+                    f"limit: {fix} or give the workers a larger memory_limit")
+        return None
+
+    @contextlib.contextmanager
+    def _workers_dying(self, what: str, futures: list):
+        """Turn Dask's KilledWorker (a task's workers died, usually out of memory) into a
+        ConfigError naming the settings that size a worker's memory; ``futures`` are
+        cancelled then, so their tasks stop killing workers."""
+        from distributed import KilledWorker
+
+        try:
+            yield
+        except KilledWorker as exc:
+            self.client.cancel(futures)
+            size, n_phi = self._tile_shape
+            limits = sorted({v for v in self._limits.values()})
+            limit_text = ", ".join(f"{v / MiB:.0f} MiB" if v else "none" for v in limits) or "unknown"
+            raise ConfigError(
+                f"worker processes died {exc.allowed_failures + 1} times while {what} (task {exc.task!r}, "
+                f"tiles of {size} frames × {n_phi} phi, {self.tile_bytes / max(1, self.n_tiles) / MiB:.1f} MiB "
+                f"each); if they ran out of memory, choose a smaller tile (config tile: / --tile) or give the "
+                f"workers a larger memory_limit (now {limit_text})"
+            ) from None
 
     def _pass(self, name: str, func, x):
         started = time.perf_counter()
@@ -243,7 +380,8 @@ class DaskEvaluator:
                                key=f"xpcsfit-{name}-{self._token}-{pass_id}-part-{i}")
             for i, part in enumerate(self.parts)
         ]
-        sums = self.client.gather(futures)
+        with self._workers_dying(f"computing {name}", futures):
+            sums = self.client.gather(futures)
         self.bytes_from_workers += sum(_nbytes(s) for s in sums)
         result = tree_sum(sums)
         del futures
@@ -279,7 +417,9 @@ class DaskEvaluator:
         futures = [self.client.submit(_part_map, func, part, *args,
                                       key=f"xpcsfit-{func.__name__}-{self._token}-{self.other_passes}-{i}")
                    for i, part in enumerate(self.parts)]
-        return [r for results in self.client.gather(futures) for r in results]
+        with self._workers_dying(f"running {func.__name__}", futures):
+            gathered = self.client.gather(futures)
+        return [r for results in gathered for r in results]
 
     def compilations(self) -> dict:
         """Compiled kernel variants per worker address (cumulative over the process)."""
