@@ -327,16 +327,18 @@ class CliRun:
             self.proc.kill()
             pytest.fail(f"xpcsfit fit had not ended after {HANG} s: hung")
 
-    def finish(self) -> float:
-        """Wait for the run to end (it must succeed); returns its duration."""
-        while self.proc.poll() is None:
+    def until_replaced(self) -> None:
+        """Wait until the result is in place, then SIGKILL the run (what is left is its
+        report on the console and the exit); it must not have failed before."""
+        while self.replaced is None and self.proc.poll() is None:
             self._check_deadline(self._poll())
-            time.sleep(0.01)
-        self._poll()
+            time.sleep(0.005)
+        self.proc.kill()
+        self.proc.wait()
         self.stderr.seek(0)
-        assert self.proc.returncode in (0, 4), self.stderr.read().decode()
+        assert self.replaced is not None and self.proc.returncode in (0, 4, -signal.SIGKILL), \
+            self.stderr.read().decode()
         self.stderr.close()
-        return time.monotonic() - self.started
 
     def kill_at(self, when: float, after_write_start: bool) -> bool:
         """SIGKILL ``when`` s after the start (or after the writing began); True if it
@@ -400,16 +402,15 @@ def test_cli_killed_at_random_moments_never_leaves_a_mixed_result(cluster, flow_
                 "--scheduler", cluster.scheduler.address, "--gap", "2e6", "--tile", str(TILE),
                 "--frames", *map(str, frames)], frames
 
-    # One complete run: when its writing began and when the result was in place, and
-    # the result that the killed runs must leave alone or replace whole.
+    # One run to its result: when its writing began and when the result was in place,
+    # and the result that the killed runs must leave alone or replace whole.
     cmd, frames = cli(0)
     run = CliRun(cmd, out)
-    duration = run.finish()
-    assert run.write_started is not None and run.replaced is not None
+    run.until_replaced()
+    assert run.write_started is not None
     writing = run.replaced - run.write_started
     previous = check_complete(out, frames)
-    print(f"\nCLI run {duration:.1f} s: writing from {run.write_started:.1f} s, "
-          f"result in place at {run.replaced:.1f} s")
+    print(f"\nCLI run: writing from {run.write_started:.1f} s, result in place at {run.replaced:.1f} s")
 
     rng = np.random.default_rng(20261201)
     # Two kills before the writing; four while writing, one in each quarter of the time

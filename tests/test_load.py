@@ -20,22 +20,24 @@ from xpcsfit._simulate import phi_grid, simulate
 pytestmark = pytest.mark.slow
 
 N_FILES = 5
-PHI = phi_grid(4).tolist()
-# q, phi and frame selections, each of 3 of the 4 angles: with the 5 files, 20 different
-# fits of one tile shape (3 phi × 32 frames), so the kernels compile once per worker.
+TILE = 64
+PHI = phi_grid(5).tolist()
+# q, phi and frame selections, each of 4 of the 5 angles: with the 5 files, 20 different
+# fits of one tile shape (4 phi × 64 frames, as in test_fit), so the kernels compile once
+# per worker at most.
 SELECTIONS = [
-    {"phi": PHI[:3]},
+    {"phi": PHI[:4]},
     {"phi": PHI[1:], "q_index": 1},
-    {"phi": [PHI[0], PHI[2], PHI[3]], "frames": (4, 56)},
-    {"phi": [PHI[0], PHI[1], PHI[3]], "q": 0.004, "frames": (1, 40)},
+    {"phi": PHI[:2] + PHI[3:], "frames": (8, 120)},
+    {"phi": PHI[:3] + PHI[4:], "q": 0.004, "frames": (1, 80)},
 ]
 
 
 @pytest.fixture(scope="module")
 def load_files(tmp_path_factory):
-    """Five 2 q × 4 phi × 64 frame laminar_flow files of different D0, gamma_dot_t0, seed."""
+    """Five 2 q × 5 phi × 128 frame laminar_flow files of different D0, gamma_dot_t0, seed."""
     d = tmp_path_factory.mktemp("load")
-    return [simulate(d / f"load{i}.hdf", q=(0.004, 0.0055), n_phi=4, n_frames=64, noise=0.01, seed=i,
+    return [simulate(d / f"load{i}.hdf", q=(0.004, 0.0055), n_phi=5, n_frames=128, noise=0.01, seed=i,
                      params={"D0": 1.5e4 + 2.0e3 * i, "gamma_dot_t0": 1.5e-4 + 3.0e-5 * i})
             for i in range(N_FILES)]
 
@@ -65,7 +67,7 @@ class Sampler(threading.Thread):
 
 def submit_fit(client, path, selection):
     # pure=False: the same fit submitted twice is two tasks (keys "fit-<uuid>").
-    return client.submit(xpcsfit.fit, str(path), gap=2.0e6, tile=32, progress=False, pure=False,
+    return client.submit(xpcsfit.fit, str(path), gap=2.0e6, tile=TILE, progress=False, pure=False,
                          **selection)
 
 

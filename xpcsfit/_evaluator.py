@@ -251,7 +251,9 @@ class DaskEvaluator:
         self._limits = {w: info[w].get("memory_limit") or 0 for w in workers}
         size = part_size(len(specs), len(workers))
         groups = [list(specs[i : i + size]) for i in range(0, len(specs), size)]
-        self.storage = self._choose_storage(storage, groups, workers)
+        # A worker that dies meanwhile is left out (Dask recomputes its tasks elsewhere).
+        memory = client.run(worker_memory, workers=workers, on_error="ignore") if workers else {}
+        self.storage = self._choose_storage(storage, groups, workers, memory)
         self.parts = []
         place = _load_part if self.storage == "held" else _keep_part
         for i, group in enumerate(groups):
@@ -269,9 +271,10 @@ class DaskEvaluator:
                     failed[0].result()  # re-raises the load's exception here
             finally:
                 client.cancel(self.parts)  # the other parts are not needed now
-        # Compile counters are per worker process and cumulative; keep the baseline so the
-        # result reports what this fit compiled, and what it compiled once warm.
-        self._compiled_at_start = self.compilations()
+        # Compile counters are per worker process and cumulative; keep the baseline (from
+        # before the loading, which compiles nothing) so the result reports what this fit
+        # compiled, and what it compiled once warm.
+        self._compiled_at_start = {w: n for w, (_, n) in memory.items()}
         self._compiled_when_warm: dict | None = None
 
     def _release_placement(self, keys: list) -> None:
@@ -291,8 +294,10 @@ class DaskEvaluator:
             time.sleep(0.005)
         self.client.sync(scheduler.set_restrictions, worker=dict.fromkeys(keys))
 
-    def _choose_storage(self, storage: str, groups: list, workers: list) -> str:
+    def _choose_storage(self, storage: str, groups: list, workers: list, memory: dict) -> str:
         """Return "held" or "streamed" (see the class docstring), checked against the workers' memory.
+
+        ``memory`` is :func:`worker_memory` of each worker, {address: (rss, compiled)}.
 
         Raises
         ------
@@ -300,8 +305,6 @@ class DaskEvaluator:
             If a worker's memory_limit cannot take one tile and its kernel workspace
             (streamed), or the tiles it would hold as well (held).
         """
-        limited = [w for w in workers if self._limits[w]]
-        memory = self.client.run(worker_memory, workers=limited) if limited else {}
         limits = list(self._limits.values())
         if storage == "auto" and (not limits or min(limits) == 0):
             storage = "hold"  # no memory limit set on the workers
@@ -422,8 +425,9 @@ class DaskEvaluator:
         return [r for results in gathered for r in results]
 
     def compilations(self) -> dict:
-        """Compiled kernel variants per worker address (cumulative over the process)."""
-        return self.client.run(kernel_compilations)
+        """Compiled kernel variants per worker address (cumulative over the process); a
+        worker that dies meanwhile is left out."""
+        return self.client.run(kernel_compilations, on_error="ignore")
 
     @staticmethod
     def _added(now: dict, before: dict) -> dict:
