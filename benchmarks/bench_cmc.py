@@ -34,8 +34,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
 
-    from xpcsfit._cluster import local_cluster
-    from xpcsfit._cmc_cli import add_parser, run
+    from xpcsfit.engine.cluster import local_cluster
+    from xpcsfit.cmc_cli import add_parser, run
 
     print(f"flow_small q index 8, laminar_flow (7 parameters free); thin {a.thin}, {a.chains} chains × "
           f"({a.warmup} warm-up + {a.samples}) per shard; {a.workers} workers × 1 thread; {os.cpu_count()} cores")

@@ -18,8 +18,8 @@ import warnings
 from pathlib import Path
 
 import xpcsfit
-from xpcsfit._cluster import local_cluster
-from xpcsfit._simulate import simulate
+from xpcsfit.engine.cluster import local_cluster
+from xpcsfit.simulate import simulate
 
 
 def peak_rss_mib() -> float:

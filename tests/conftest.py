@@ -21,7 +21,7 @@ def client():
     """A 2-worker LocalCluster on 127.0.0.1, shared by the tests of the session."""
     from distributed import Client
 
-    from xpcsfit._cluster import local_cluster
+    from xpcsfit.engine.cluster import local_cluster
 
     with local_cluster(2) as cluster, Client(cluster) as c:
         yield c
@@ -30,7 +30,7 @@ def client():
 @pytest.fixture(scope="session")
 def small_flow_file(tmp_path_factory) -> Path:
     """A simulated laminar_flow APS-U file: 1 q × 4 phi × 160 frames, noise 0.01."""
-    from xpcsfit._simulate import simulate
+    from xpcsfit.simulate import simulate
 
     path = tmp_path_factory.mktemp("sim") / "small_flow.hdf"
     return simulate(path, q=(0.0055,), n_phi=4, n_frames=160, noise=0.01, seed=3)

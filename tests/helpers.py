@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import xarray as xr
 
-from xpcsfit._evaluator import InProcessEvaluator
-from xpcsfit._kernel import ParameterLayout
-from xpcsfit._model import c2_model
-from xpcsfit._parameters import DEFAULT_BOUNDS, MODES
-from xpcsfit._tiles import plan_tiles
+from xpcsfit.engine.evaluator import InProcessEvaluator
+from xpcsfit.engine.kernel import ParameterLayout
+from xpcsfit.model import c2_model
+from xpcsfit.parameters import DEFAULT_BOUNDS, MODES
+from xpcsfit.engine.tiles import plan_tiles
 
 L = 2.0e6
 THETA = {

@@ -17,17 +17,17 @@ import numpy as np
 import pytest
 
 import xpcsfit
-from xpcsfit._cmc import _n_shards, cmc
-from xpcsfit._cmc_combine import combine, ess_bulk, r_hat
-from xpcsfit._cmc_model import Coordinates, log_likelihood, pair_g1_squared, shard_data, shard_of, tile_lattice
-from xpcsfit._cmc_noise import noise_model, tile_noise_sums
-from xpcsfit._config import load_config
-from xpcsfit._errors import ConfigError, InputError
-from xpcsfit._kernel import ParameterLayout
-from xpcsfit._model import g1_squared
-from xpcsfit._parameters import MODES
-from xpcsfit._simulate import simulate
-from xpcsfit._tiles import plan_tiles
+from xpcsfit.cmc.driver import _n_shards, cmc
+from xpcsfit.cmc.combine import combine, ess_bulk, r_hat
+from xpcsfit.cmc.shard import Coordinates, log_likelihood, pair_g1_squared, shard_data, shard_of, tile_lattice
+from xpcsfit.cmc.noise import noise_model, tile_noise_sums
+from xpcsfit.config import load_config
+from xpcsfit.errors import ConfigError, InputError
+from xpcsfit.engine.kernel import ParameterLayout
+from xpcsfit.model import g1_squared
+from xpcsfit.parameters import MODES
+from xpcsfit.simulate import simulate
+from xpcsfit.engine.tiles import plan_tiles
 
 FLOW = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "flow_small.hdf")
 FLOW = os.path.normpath(os.environ.get("XPCSFIT_FLOW_SMALL", FLOW))
@@ -224,7 +224,7 @@ def test_noise_pass_on_white_noise(static_file):
     assert 1.0 <= noise["kappa"][0] < 1.1
     # The FFT lag sums equal direct sums.
     tile = plan[0].load()
-    from xpcsfit._kernel import tile_model
+    from xpcsfit.engine.kernel import tile_model
 
     r = (tile.c2 - tile_model(tile, x, layout, "static", 2e6)) * tile.weight
     a, b = 2, -3
@@ -249,7 +249,7 @@ def test_lattice_and_likelihood_peak_at_truth(static_file):
 
 
 def test_cli_parser():
-    from xpcsfit._cmc_cli import add_parser
+    from xpcsfit.cmc_cli import add_parser
 
     parser = argparse.ArgumentParser(prog="xpcsfit")
     sub = parser.add_subparsers(dest="command")
@@ -273,7 +273,7 @@ def test_cli_parser():
 def client():
     from distributed import Client
 
-    from xpcsfit._cluster import local_cluster
+    from xpcsfit.engine.cluster import local_cluster
 
     with local_cluster(2) as cluster, Client(cluster) as c:
         c.wait_for_workers(2)
@@ -355,7 +355,7 @@ def test_flow_small_transport_covers_truth(client):
 def test_killing_a_worker_still_gives_a_complete_result(static_file):
     from distributed import Client
 
-    from xpcsfit._cluster import local_cluster
+    from xpcsfit.engine.cluster import local_cluster
 
     with local_cluster(2) as cluster, Client(cluster) as c:
         c.wait_for_workers(2)

@@ -60,7 +60,7 @@ def test_static_small(shared_data, client):
 def test_one_and_two_workers_give_the_same_parameters(small_flow_file):
     from distributed import Client
 
-    from xpcsfit._cluster import local_cluster
+    from xpcsfit.engine.cluster import local_cluster
 
     values = []
     for n in (1, 2):
@@ -123,7 +123,7 @@ def test_gap_default_warns(small_flow_file, client):
 
 
 def test_nan_in_c2_is_an_input_error(tmp_path, client):
-    from xpcsfit._aps_writer import write_aps_u
+    from xpcsfit.io.writers import write_aps_u
 
     c2 = np.ones((40, 40)) * 1.1
     c2[3, 20] = np.nan
@@ -181,7 +181,7 @@ def test_gpu_cluster_pins_one_card_per_worker():
 
     from distributed import Client
 
-    from xpcsfit._cluster import gpu_cluster
+    from xpcsfit.engine.cluster import gpu_cluster
 
     with gpu_cluster(["0", "1"]) as cluster, Client(cluster) as c:
         seen = c.run(lambda: (os.environ["CUDA_VISIBLE_DEVICES"], os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"]))

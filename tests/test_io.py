@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xpcsfit._aps_writer import write_aps_u, write_legacy
-from xpcsfit._dataset import check_tile_finite, open_dataset, validate_finite
-from xpcsfit._errors import ConfigError, InputError
-from xpcsfit._hdf import C2Reader, read_info
+from xpcsfit.io.writers import write_aps_u, write_legacy
+from xpcsfit.io.dataset import check_tile_finite, open_dataset, validate_finite
+from xpcsfit.errors import ConfigError, InputError
+from xpcsfit.io.hdf5 import C2Reader, read_info
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FLOW = DATA / "flow_small.hdf"

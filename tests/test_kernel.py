@@ -51,7 +51,7 @@ def test_tiles_below_diagonal_are_skipped_and_points_counted():
 
 @pytest.mark.parametrize("n_workers", [1, 2, 3, 7, 50])
 def test_parts_are_subtrees_so_sums_do_not_depend_on_workers(n_workers):
-    from xpcsfit._evaluator import part_size, tree_sum
+    from xpcsfit.engine.evaluator import part_size, tree_sum
 
     rng = np.random.default_rng(0)
     values = [rng.normal(size=5) * 10.0 ** rng.integers(-8, 8) for _ in range(613)]

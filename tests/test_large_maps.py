@@ -17,13 +17,13 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import xpcsfit._plots as plots
-from xpcsfit._aps_writer import write_aps_u
-from xpcsfit._dataset import open_dataset
-from xpcsfit._hdf import C2Reader, read_info
-from xpcsfit._model import c2_model
-from xpcsfit._parameters import MODES
-from xpcsfit._simulate import phi_grid, simulate
+import xpcsfit.leastsq.plots as plots
+from xpcsfit.io.writers import write_aps_u
+from xpcsfit.io.dataset import open_dataset
+from xpcsfit.io.hdf5 import C2Reader, read_info
+from xpcsfit.model import c2_model
+from xpcsfit.parameters import MODES
+from xpcsfit.simulate import phi_grid, simulate
 from xpcsfit.cli import main
 
 # --------------------------------------------------------------------------- C2Reader

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from xpcsfit._model import (
+from xpcsfit.model import (
     c2_model,
     exprel,
     g1_squared,
     g1_squared_with_jacobian,
     power_integral,
 )
-from xpcsfit._parameters import MODES
+from xpcsfit.parameters import MODES
 
 
 @pytest.mark.parametrize("a", [-1.7, -1.0, -1.0 + 1e-7, -0.3, 0.0, 0.8, 1.9])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from xpcsfit import cli
-from xpcsfit._output import PARTIAL_MARKER, _exchange, claim_result_directory, is_xpcsfit_result
+from xpcsfit.leastsq.output import PARTIAL_MARKER, _exchange, claim_result_directory, is_xpcsfit_result
 
 
 def run_cli(capsys, *args):

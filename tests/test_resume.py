@@ -13,8 +13,8 @@ import pytest
 
 import xpcsfit
 from helpers import bounds, in_process, start, synthetic_dataset
-from xpcsfit._checkpoint import Checkpoint, atomic_write_text, checkpoint_path, digest, fingerprint
-from xpcsfit._solver import TrustRegionLM
+from xpcsfit.leastsq.checkpoint import Checkpoint, atomic_write_text, checkpoint_path, digest, fingerprint
+from xpcsfit.solver import TrustRegionLM
 
 # ---------------------------------------------------------------------------------
 # Solver level: in-process evaluator, sums deterministic, so equality is exact.
@@ -181,7 +181,7 @@ FAR = "gap: 2.0e6\ninitial: {phi0: -5.0}\n"  # truth phi0 = 6: ~15 iterations
 @pytest.fixture(scope="module")
 def flow_file(tmp_path_factory):
     """laminar_flow, 1 q × 4 phi × 400 frames, all physics parameters determined."""
-    from xpcsfit._simulate import simulate
+    from xpcsfit.simulate import simulate
 
     d = tmp_path_factory.mktemp("resume")
     params = dict(D0=2e4, alpha=0.3, D_offset=3e3, gamma_dot_t0=2e-4, beta=-0.2,
@@ -284,8 +284,8 @@ def _physics(doc):
 
 
 def test_checkpoint_of_another_input_file_is_not_used(flow_file, tmp_path):
-    from xpcsfit._config import load_config
-    from xpcsfit._simulate import simulate
+    from xpcsfit.config import load_config
+    from xpcsfit.simulate import simulate
 
     # Two files with the same grid and frames: fingerprints differ by the content alone.
     other = simulate(tmp_path / "flow.hdf", q=(0.0055,), n_phi=4, n_frames=400, noise=0.02, seed=8)
@@ -307,7 +307,7 @@ def test_checkpoint_of_another_input_file_is_not_used(flow_file, tmp_path):
 
 @pytest.fixture(scope="module")
 def driver_problem():
-    from xpcsfit._config import load_config
+    from xpcsfit.config import load_config
 
     ds = synthetic_dataset("static")
     ds.attrs.update(sha256="0" * 64, layout="synthetic", q_index=[0, 1])
@@ -332,7 +332,7 @@ class _DyingCheckpoint(Checkpoint):
 
 
 def test_driver_resumes_in_process(driver_problem, tmp_path, capsys):
-    from xpcsfit._fit import _solve
+    from xpcsfit.leastsq.driver import _solve
 
     ds, ev, layout, cfg = driver_problem
     L = 2.0e6
@@ -349,7 +349,7 @@ def test_driver_resumes_in_process(driver_problem, tmp_path, capsys):
 
 
 def test_unwritable_checkpoint_warns_and_the_fit_goes_on(driver_problem, tmp_path, capsys):
-    from xpcsfit._fit import _solve
+    from xpcsfit.leastsq.driver import _solve
 
     ds, ev, layout, cfg = driver_problem
     blocker = checkpoint_path(tmp_path / "res")
@@ -365,7 +365,7 @@ def test_unwritable_checkpoint_warns_and_the_fit_goes_on(driver_problem, tmp_pat
 
 
 def test_truncated_checkpoint_is_ignored_with_a_note(driver_problem, tmp_path, capsys):
-    from xpcsfit._fit import _solve
+    from xpcsfit.leastsq.driver import _solve
 
     ds, ev, layout, cfg = driver_problem
     ck = Checkpoint(tmp_path / "res")

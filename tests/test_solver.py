@@ -5,7 +5,7 @@ import pytest
 from scipy.optimize import least_squares, lsq_linear
 
 from helpers import bounds, dense_jacobian, dense_residual, in_process, start, synthetic_dataset
-from xpcsfit._solver import NormalEquations, TrustRegionLM, solve_box_qp
+from xpcsfit.solver import NormalEquations, TrustRegionLM, solve_box_qp
 
 
 @pytest.mark.parametrize("seed", range(8))

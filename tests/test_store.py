@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xpcsfit import _store
-from xpcsfit._aps_writer import write_aps_u
-from xpcsfit._dataset import open_dataset
-from xpcsfit._errors import ConfigError, InputError
-from xpcsfit._store import ingest
+from xpcsfit.io import store as _store
+from xpcsfit.io.writers import write_aps_u
+from xpcsfit.io.dataset import open_dataset
+from xpcsfit.errors import ConfigError, InputError
+from xpcsfit.io.store import ingest
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FLOW = DATA / "flow_small.hdf"

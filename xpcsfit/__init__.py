@@ -11,14 +11,14 @@ Public API (everything else is private and may move):
 
 __version__ = "0.1.0"
 
-from ._cmc import cmc
-from ._cmc_summary import CMCResult
-from ._config import FitConfig, load_config
-from ._dataset import open_dataset
-from ._errors import ConfigError, InputError, XpcsfitError
-from ._fit import GapWarning, fit
-from ._results import FitResult
-from ._store import ingest
+from xpcsfit.cmc.driver import cmc
+from xpcsfit.cmc.results import CMCResult
+from xpcsfit.config import FitConfig, load_config
+from xpcsfit.io.dataset import open_dataset
+from xpcsfit.errors import ConfigError, InputError, XpcsfitError
+from xpcsfit.leastsq.driver import GapWarning, fit
+from xpcsfit.leastsq.results import FitResult
+from xpcsfit.io.store import ingest
 
 
 __all__ = [

@@ -11,9 +11,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import _cmc_cli
-from ._cli_args import add_selection
-from ._errors import XpcsfitError
+from xpcsfit import cmc_cli as _cmc_cli
+from xpcsfit.cli_args import add_selection
+from xpcsfit.errors import XpcsfitError
 
 
 def _fit_parser(sub):
@@ -31,7 +31,7 @@ def _fit_parser(sub):
 
 
 def _run_fit(args) -> int:
-    from ._fit import fit
+    from xpcsfit.leastsq.driver import fit
 
     out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.input).name.split('.')[0]}_fit"
     result = fit(args.input, q=args.q, q_index=args.q_index, phi=args.phi,
@@ -39,7 +39,7 @@ def _run_fit(args) -> int:
                  gap=args.gap, config=args.config, out=out, scheduler=args.scheduler, tile=args.tile,
                  resume=args.resume)
     print(f"\n{'parameter':<20}{'value':>14}{'stderr':>12}  unit")
-    from ._parameters import UNITS
+    from xpcsfit.parameters import UNITS
 
     for name, v, s in zip(result.names, result.values, result.stderr):
         print(f"{name:<20}{v:>14.6g}{s:>12.3g}  {UNITS[name]}")
@@ -58,7 +58,7 @@ def _ingest_parser(sub):
 
 
 def _run_ingest(args) -> int:
-    from ._store import ingest
+    from xpcsfit.io.store import ingest
 
     path, created = ingest(args.input, args.store, tile=args.tile, gap=args.gap)
     print(f"{path}: {'written' if created else 'already ingested from this input; nothing to do'}")
@@ -79,7 +79,7 @@ def _simulate_parser(sub):
 
 
 def _run_simulate(args) -> int:
-    from ._simulate import simulate, truth_path
+    from xpcsfit.simulate import simulate, truth_path
 
     out = simulate(args.out, mode=args.mode, q=args.q, n_phi=args.n_phi, n_frames=args.n_frames,
                    dt=args.dt, gap=args.gap, noise=args.noise, seed=args.seed)

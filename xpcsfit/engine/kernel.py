@@ -14,7 +14,7 @@ with r = offset_k + contrast_k·G − c2, J_θ = contrast_k ∂G/∂θ and G = g
 point grows with p² (physics only), not with (p + 2·n_bins)².
 
 Each column of ∂G/∂θ is a per-angle factor times a phi-independent time map
-(:func:`~xpcsfit._model.g1_squared_factored`), so A is formed by first summing products
+(:func:`~xpcsfit.model.g1_squared_factored`), so A is formed by first summing products
 of the factors over the angles and then contracting with the time maps: per (angle,
 point) the kernel does a few multiply-adds, per point p² (not n_phi·p²). A tile is
 reduced in blocks of whole rows (:data:`ROW_BLOCK_POINTS`) that stay in cache; with
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _model  # noqa: F401  (sets jax_enable_x64 before any array is made)
-from ._model import g1_squared, g1_squared_factored
+from xpcsfit import model as _model  # noqa: F401  (sets jax_enable_x64 before any array is made)
+from xpcsfit.model import g1_squared, g1_squared_factored
 
 # Cost passes evaluate this many parameter vectors at once (padded with copies), so
 # that a batch of trial steps never triggers a new compilation.

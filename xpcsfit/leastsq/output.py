@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ._errors import ConfigError
-from ._kernel import ParameterLayout, Tile, tile_model
+from xpcsfit.errors import ConfigError
+from xpcsfit.engine.kernel import ParameterLayout, Tile, tile_model
 
 PARTIAL_MARKER = ".xpcsfit-partial"
 # The record file of a fit's and of a cmc's result directory; it lists what the

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._kernel import ParameterLayout, tile_model
+from xpcsfit.engine.kernel import ParameterLayout, tile_model
 
 MAX_LAG = 64  # frames
 
@@ -35,8 +35,8 @@ MAX_LAG = 64  # frames
 def tile_noise_sums(tile, x, layout: ParameterLayout, mode: str, L: float, max_lag: int) -> dict:
     """Worker task: residual sums of one tile at the least-squares optimum x.
 
-    ``tile`` is a :class:`~xpcsfit._tiles.TileSpec` (loaded here) or a loaded
-    :class:`~xpcsfit._kernel.Tile`.
+    ``tile`` is a :class:`~xpcsfit.engine.tiles.TileSpec` (loaded here) or a loaded
+    :class:`~xpcsfit.engine.kernel.Tile`.
 
     Returns
     -------

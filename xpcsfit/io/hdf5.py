@@ -31,7 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._errors import InputError
+from xpcsfit.errors import InputError
 
 APSU_MAPS = "/xpcs/twotime/correlation_map"
 APSU_BINS = "/xpcs/twotime/processed_bins"

@@ -1,7 +1,7 @@
 """Write two-time result files in the APS-U (boost_corr) or legacy layout.
 
 Used by ``xpcsfit simulate`` and by tests that need files with known (or deliberately
-bad) content. Only the keys that :mod:`xpcsfit._hdf` reads are written. Maps are given
+bad) content. Only the keys that :mod:`xpcsfit.io.hdf5` reads are written. Maps are given
 either as (T, T) arrays or as callables ``band(row_start, row_stop) -> (rows, T)`` so
 that 8000 × 8000 maps can be produced band by band without holding them. Only the upper
 triangle (diagonal included) is stored, the lower triangle is 0, as boost_corr does.
@@ -17,8 +17,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import _hdf
-from ._errors import ConfigError
+from xpcsfit.io import hdf5 as _hdf
+from xpcsfit.errors import ConfigError
 
 MapSource = np.ndarray | Callable[[int, int], np.ndarray]
 

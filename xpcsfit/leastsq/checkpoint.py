@@ -5,7 +5,7 @@ A fit with an output directory ``DIR`` keeps ``.DIR.checkpoint.json`` in DIR's p
 solver iteration and removed once the complete result has been written, so it exists
 only while a fit is under way or after one was killed. A rerun of the same fit — same
 input, selection and settings — finds it and continues from the saved iteration (see
-:meth:`xpcsfit._solver.TrustRegionLM.restore`): one normal-equations pass instead of
+:meth:`xpcsfit.solver.TrustRegionLM.restore`): one normal-equations pass instead of
 every pass already made, and bit for bit the parameters of an uninterrupted fit, since
 the evaluator's sums are deterministic.
 
@@ -46,7 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._store import STORE_VERSION
+from xpcsfit.io.store import STORE_VERSION
 
 KIND = "xpcsfit-checkpoint"
 FORMAT = 1

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from ._aps_writer import write_aps_u
-from ._errors import ConfigError
-from ._model import c2_model
-from ._parameters import DEFAULT_GAP, MODES
+from xpcsfit import __version__
+from xpcsfit.io.writers import write_aps_u
+from xpcsfit.errors import ConfigError
+from xpcsfit.model import c2_model
+from xpcsfit.parameters import DEFAULT_GAP, MODES
 
 TRUTH = {
     "D0": 2.0e4,

@@ -68,7 +68,7 @@ def transport_png(path: Path, transport: dict, mode: str, truth: dict | None = N
     ----------
     path : Path
     transport : dict
-        From :func:`xpcsfit._results.transport_bands`.
+        From :func:`xpcsfit.leastsq.results.transport_bands`.
     mode : str
     truth : dict, optional
         ``{"J": callable(t), "gamma_dot": callable(t)}`` drawn dashed when given.

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _model  # noqa: F401  (jax_enable_x64 before any array is made)
+from xpcsfit import model as _model  # noqa: F401  (jax_enable_x64 before any array is made)
 
 PRIOR_SD = 1.0  # sd of u (amplitude position, logit scale) and of the exponent/phi0 logits
 
@@ -288,7 +288,7 @@ def tile_lattice(tile, thin: int) -> dict:
 
     Parameters
     ----------
-    tile : :class:`~xpcsfit._tiles.TileSpec` (loaded here) or :class:`~xpcsfit._kernel.Tile`
+    tile : :class:`~xpcsfit.engine.tiles.TileSpec` (loaded here) or :class:`~xpcsfit.engine.kernel.Tile`
     thin : int
 
     Returns
@@ -365,7 +365,7 @@ def shard_data(pieces, index: int, n_shards: int, n_bins: int) -> ShardData:
 def pair_g1_squared(theta, mode, q, L, phi, t1, t2):
     """G = g1² at point pairs (t1[i], t2[i]) for every angle: (n_phi, n) (static: (1, n)).
 
-    The same physics as :func:`xpcsfit._model.g1_squared`, on a list of points instead of
+    The same physics as :func:`xpcsfit.model.g1_squared`, on a list of points instead of
     a grid (a thinned shard is not a grid).
     """
     import jax.numpy as jnp

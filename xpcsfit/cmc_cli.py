@@ -1,4 +1,4 @@
-"""``xpcsfit cmc``: the command-line front of :func:`xpcsfit._cmc.cmc`.
+"""``xpcsfit cmc``: the command-line front of :func:`xpcsfit.cmc.driver.cmc`.
 
 ``add_parser(subparsers)`` adds the subcommand; ``run(args)`` runs it and returns the
 exit code. XpcsfitError propagates (the CLI's main turns it into one line and a code).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._cli_args import add_selection
+from xpcsfit.cli_args import add_selection
 
 
 def add_parser(subparsers):
@@ -44,7 +44,7 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     """Run ``xpcsfit cmc``; 0 when every shard passed its diagnostics, 5 otherwise."""
-    from ._cmc import cmc
+    from xpcsfit.cmc.driver import cmc
 
     out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.input).name.split('.')[0]}_cmc"
     result = cmc(args.input, q=args.q, q_index=args.q_index, phi=args.phi,

@@ -9,7 +9,7 @@ every tile has one shape (one compiled kernel) and the padding is masked by a ze
 
 A :class:`TileSpec` is the small, picklable recipe of one tile (a lazy dask slice of the
 source plus its coordinates); ``spec.load()`` reads the data and builds the
-:class:`~xpcsfit._kernel.Tile`. Evaluators either load every tile once and hold it, or
+:class:`~xpcsfit.engine.kernel.Tile`. Evaluators either load every tile once and hold it, or
 load it afresh in every pass (streaming, for data larger than the workers' memory).
 """
 
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from ._errors import InputError
-from ._kernel import Tile
+from xpcsfit.errors import InputError
+from xpcsfit.engine.kernel import Tile
 
 
 @dataclass(frozen=True)

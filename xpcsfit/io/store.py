@@ -30,8 +30,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from . import _hdf
-from ._errors import ConfigError, InputError
+from xpcsfit.io import hdf5 as _hdf
+from xpcsfit.errors import ConfigError, InputError
 
 STORE_VERSION = 1
 
@@ -81,7 +81,7 @@ def ingest(source: str | Path, store: str | Path, *, tile: int = 256, gap: float
     Raises
     ------
     InputError
-        Bad source file (see :func:`xpcsfit._hdf.read_info`, :func:`~xpcsfit._hdf.read_dt`),
+        Bad source file (see :func:`xpcsfit.io.hdf5.read_info`, :func:`~xpcsfit.io.hdf5.read_dt`),
         ``store`` exists and holds another file, or exists and is not an xpcsfit store.
     ConfigError
         ``tile`` is not a positive integer, or ``gap`` is not a finite positive number.

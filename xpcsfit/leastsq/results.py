@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._parameters import UNITS
+from xpcsfit.parameters import UNITS
 
 CORRELATION_LIMIT = 0.99
 
@@ -53,7 +53,7 @@ class FitResult:
         Final and starting solver vectors and the bounds, over all parameters
         (physics, contrast per bin, offset per bin).
     resumed_from : dict or None
-        For a fit resumed from a checkpoint (see :mod:`xpcsfit._checkpoint`): the
+        For a fit resumed from a checkpoint (see :mod:`xpcsfit.leastsq.checkpoint`): the
         ``iteration`` it continued from, the ``data_passes`` made before it (by the
         killed run; ``data_passes`` above counts only this run's), and the
         ``checkpoint`` path. None for a fit run from the start.

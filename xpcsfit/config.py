@@ -22,8 +22,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ._errors import ConfigError
-from ._parameters import DEFAULT_BOUNDS, MODES
+from xpcsfit.errors import ConfigError
+from xpcsfit.parameters import DEFAULT_BOUNDS, MODES
 
 
 class SolverOptions(BaseModel):

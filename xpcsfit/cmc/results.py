@@ -1,6 +1,6 @@
 """CMC results: the combination of the shards, summary.json, posterior.zarr and PNGs.
 
-``finish`` turns the shard results of :func:`xpcsfit._cmc.cmc` into a :class:`CMCResult`:
+``finish`` turns the shard results of :func:`xpcsfit.cmc.driver.cmc` into a :class:`CMCResult`:
 consensus (or parametric) combination, per-shard and combined diagnostics, the effect of
 every shard that fails its diagnostics (``_cmc_combine.leave_one_out_effect``), J(t) and
 gamma_dot(t) bands, and, with ``out``, the result directory (written atomically).
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _cmc_combine as comb
-from ._cmc_model import PRIOR_SD
-from ._output import result_manifest
-from ._parameters import UNITS
+from xpcsfit.cmc import combine as comb
+from xpcsfit.cmc.shard import PRIOR_SD
+from xpcsfit.leastsq.output import result_manifest
+from xpcsfit.parameters import UNITS
 
 
 def _say(progress, message: str) -> None:
@@ -36,14 +36,14 @@ class CMCResult:
     ----------
     mode : str
     names : list of str
-        Physics parameter names (units in ``xpcsfit._parameters.UNITS``).
+        Physics parameter names (units in ``xpcsfit.parameters.UNITS``).
     draws : ndarray (chains, draws, p)
         Combined posterior draws of the physics parameters.
     shard_draws : ndarray (K, chains, draws, p)
         Sub-posterior draws of the shards that ran (``shard_names``).
     sampling_names : list of str
     sampling_draws, shard_sampling_draws : ndarray
-        The same in NUTS's sampling coordinates (see ``xpcsfit._cmc_model``).
+        The same in NUTS's sampling coordinates (see ``xpcsfit.cmc.shard``).
     shard_names : list of str
     summary : dict
     shard_diverging : ndarray (K, chains, draws) of bool
@@ -323,7 +323,7 @@ def _write(target, result: CMCResult, ds, fit_result, started) -> Path:
     """Write the result into the claimed ``target`` (a ResultDirectory) and commit it."""
     import xarray as xr
 
-    from ._cmc_plots import bands_png, corner_png, trace_png
+    from xpcsfit.cmc.plots import bands_png, corner_png, trace_png
 
     tmp = target.partial
     post = xr.Dataset(

@@ -22,9 +22,9 @@ from operator import add
 
 import numpy as np
 
-from ._kernel import BlockSums, ParameterLayout, Tile, tile_block_sums, tile_costs, tile_lag_sums
-from ._solver import NormalEquations
-from ._tiles import TileSpec
+from xpcsfit.engine.kernel import BlockSums, ParameterLayout, Tile, tile_block_sums, tile_costs, tile_lag_sums
+from xpcsfit.solver import NormalEquations
+from xpcsfit.engine.tiles import TileSpec
 
 FAN_IN = 2
 
@@ -43,7 +43,7 @@ def tree_sum(values: list):
 
 
 def merge_lag_sums(parts, n_bins: int, n_phi: int, n_lags: int, bin_starts):
-    """Add per-tile lag sums (see :func:`~xpcsfit._kernel.tile_lag_sums`) into
+    """Add per-tile lag sums (see :func:`~xpcsfit.engine.kernel.tile_lag_sums`) into
     (n_bins, n_lags) sums and counts."""
     sums = np.zeros((n_bins, n_lags))
     counts = np.zeros((n_bins, n_lags))
@@ -102,7 +102,7 @@ class InProcessEvaluator:
 
 def kernel_compilations() -> int:
     """Compiled variants of the tile kernels in this process (one per shape and mode)."""
-    from ._kernel import _tile_block_sums, _tile_costs, _tile_model
+    from xpcsfit.engine.kernel import _tile_block_sums, _tile_costs, _tile_model
 
     return sum(f._cache_size() for f in (_tile_block_sums, _tile_costs, _tile_model))
 
@@ -160,7 +160,7 @@ class DaskEvaluator:
     client : distributed.Client
         A client (in a task: the one from ``distributed.worker_client``).
     specs : list of TileSpec
-        The tiles, in a fixed order (see :func:`xpcsfit._tiles.plan_tiles`).
+        The tiles, in a fixed order (see :func:`xpcsfit.engine.tiles.plan_tiles`).
     layout, mode, L
         As for :class:`InProcessEvaluator`.
     storage : {"auto", "hold", "stream"}

@@ -10,19 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
-from ._checkpoint import Checkpoint, fingerprint
-from ._cluster import dask_client
-from ._config import load_config
-from ._dataset import open_dataset
-from ._errors import ConfigError
-from ._evaluator import DaskEvaluator
-from ._initial import initial_estimates
-from ._kernel import ParameterLayout
-from ._output import claim_result_directory, create_fitted_store, result_manifest, write_fitted_tile
-from ._parameters import DEFAULT_GAP, DEFAULT_INITIAL, physics_names
-from ._results import FitResult, correlation_warnings, covariance_from_normal_equations, transport_bands
-from ._solver import IterationReport, SolverState, TrustRegionLM
-from ._tiles import count_points, plan_tiles
+from xpcsfit.leastsq.checkpoint import Checkpoint, fingerprint
+from xpcsfit.engine.cluster import dask_client
+from xpcsfit.config import load_config
+from xpcsfit.io.dataset import open_dataset
+from xpcsfit.errors import ConfigError
+from xpcsfit.engine.evaluator import DaskEvaluator
+from xpcsfit.leastsq.initial import initial_estimates
+from xpcsfit.engine.kernel import ParameterLayout
+from xpcsfit.leastsq.output import claim_result_directory, create_fitted_store, result_manifest, write_fitted_tile
+from xpcsfit.parameters import DEFAULT_GAP, DEFAULT_INITIAL, physics_names
+from xpcsfit.leastsq.results import FitResult, correlation_warnings, covariance_from_normal_equations, transport_bands
+from xpcsfit.solver import IterationReport, SolverState, TrustRegionLM
+from xpcsfit.engine.tiles import count_points, plan_tiles
 
 DEFAULT_TILE = 128
 
@@ -55,7 +55,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         Gap L in Å (laminar_flow). Default: the store's ``L`` (``xpcsfit ingest --gap``),
         else 2.0e6 Å with a :class:`GapWarning` (result files do not record it).
     config : str, Path, dict or FitConfig, optional
-        YAML file or mapping (see :mod:`xpcsfit._config`); keywords override it.
+        YAML file or mapping (see :mod:`xpcsfit.config`); keywords override it.
     out : str or Path, optional
         Directory for fit.json, fitted.zarr and PNGs (replaced atomically). None: write
         nothing.
@@ -70,7 +70,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         Print one line per iteration.
     resume : bool
         With ``out``, the solver's state is saved after every iteration beside it
-        (``.<out name>.checkpoint.json``, see :mod:`xpcsfit._checkpoint`) and removed
+        (``.<out name>.checkpoint.json``, see :mod:`xpcsfit.leastsq.checkpoint`) and removed
         when the result is written. True (the default): a rerun of a fit that was
         killed continues from its last saved iteration and ends with the same
         parameters as an uninterrupted fit, in fewer data passes. This is safe by
@@ -181,7 +181,7 @@ def _starting_point(evaluator, ds, cfg, layout, L):
 def _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint=None):
     """Run the solver from the start values, or from ``checkpoint``'s saved state.
 
-    With a :class:`~xpcsfit._checkpoint.Checkpoint`, the state is saved after every
+    With a :class:`~xpcsfit.leastsq.checkpoint.Checkpoint`, the state is saved after every
     iteration; a saved state of this very fit (same fingerprint) is resumed from, and
     one that is not is named in one progress line with the reason.
     """
@@ -299,7 +299,7 @@ def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
     across), so neither the input nor fitted.zarr is read again, and the driver holds
     about 2 × n_q × n_phi × MAX_PIXELS² float32 whatever the number of frames.
     """
-    from ._plots import heatmap_png, stride_for, transport_png
+    from xpcsfit.leastsq.plots import heatmap_png, stride_for, transport_png
 
     t = ds["t1"].values
     first = int(ds.attrs["frames"][0])

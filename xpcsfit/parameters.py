@@ -66,7 +66,7 @@ def physics_names(mode: str) -> tuple[str, ...]:
     ConfigError
         If ``mode`` is not one of :data:`MODES`.
     """
-    from ._errors import ConfigError
+    from xpcsfit.errors import ConfigError
 
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")

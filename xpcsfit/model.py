@@ -9,7 +9,7 @@ For one q and azimuthal angles phi_i (He et al., PNAS 2024, Eqs. 9-13):
     J(t)     = D0 * t**alpha + D_offset                          [Å²/s]
     Γ(t1,t2) = ∫_{t1}^{t2} gamma_dot_t0 * t**beta + gamma_dot_t_offset dt
 
-Everything here is float64 and pure; the per-tile sums live in ``_kernel.py``.
+Everything here is float64 and pure; the per-tile sums live in ``engine/kernel.py``.
 """
 
 from __future__ import annotations

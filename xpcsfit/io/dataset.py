@@ -15,9 +15,10 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from . import _hdf, _store
-from ._errors import ConfigError, InputError
-from ._tiles import tile_edges
+from xpcsfit.io import hdf5 as _hdf
+from xpcsfit.io import store as _store
+from xpcsfit.errors import ConfigError, InputError
+from xpcsfit.engine.tiles import tile_edges
 
 Q_TOLERANCE = 0.05  # relative distance allowed between a requested q and a grid q
 EAGER_FINITE_LIMIT = 2e8  # elements; at or below, open_dataset checks NaN/Inf at open
@@ -51,7 +52,7 @@ def open_dataset(
     ----------
     path : str or Path
         APS-U or legacy HDF5 result file, or a Zarr store written by
-        :func:`xpcsfit._store.ingest`.
+        :func:`xpcsfit.io.store.ingest`.
     q : float or sequence of float, optional
         q values, 1/Å; each selects the nearest q of the file grid that has two-time
         maps (within 5 % relative). Exclusive with ``q_index``.
@@ -64,7 +65,7 @@ def open_dataset(
         Inclusive 0-based frame range (A, B), 1 <= A < B <= T-1. Default (1, T-1):
         frame 0 sits at t = 0 where t**alpha is singular.
     dt : float, optional
-        Time step, s; default from the file (see :mod:`xpcsfit._hdf`) or the store.
+        Time step, s; default from the file (see :mod:`xpcsfit.io.hdf5`) or the store.
     tile : int
         Chunk side in t1 and t2 for HDF5 input; a store keeps its own chunks.
     check_finite : bool

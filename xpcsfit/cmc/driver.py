@@ -29,18 +29,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _cmc_combine as comb
-from ._cluster import dask_client
-from ._cmc_model import Coordinates, ShardSpec, run_shard, tile_lattice
-from ._cmc_noise import MAX_LAG, noise_model, tile_noise_sums
-from ._cmc_summary import CMCResult, finish
-from ._config import load_config
-from ._dataset import open_dataset
-from ._errors import ConfigError, InputError
-from ._kernel import ParameterLayout
-from ._output import claim_result_directory
-from ._parameters import DEFAULT_GAP, MODES
-from ._tiles import plan_tiles
+from xpcsfit.cmc import combine as comb
+from xpcsfit.engine.cluster import dask_client
+from xpcsfit.cmc.shard import Coordinates, ShardSpec, run_shard, tile_lattice
+from xpcsfit.cmc.noise import MAX_LAG, noise_model, tile_noise_sums
+from xpcsfit.cmc.results import CMCResult, finish
+from xpcsfit.config import load_config
+from xpcsfit.io.dataset import open_dataset
+from xpcsfit.errors import ConfigError, InputError
+from xpcsfit.engine.kernel import ParameterLayout
+from xpcsfit.leastsq.output import claim_result_directory
+from xpcsfit.parameters import DEFAULT_GAP, MODES
+from xpcsfit.engine.tiles import plan_tiles
 
 TARGET_POINTS_PER_SHARD = 40_000  # lattice points; ~2-3 ms per gradient on one core
 MIN_POINTS_PER_SHARD = 1_000
@@ -67,8 +67,8 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     consensus Monte Carlo algorithm", Int. J. Management Science and Engineering
     Management 11(2), 78-88, 2016).
 
-    What the posterior conditions on, and assumes (details in ``xpcsfit._cmc_model``
-    and ``xpcsfit._cmc_noise``):
+    What the posterior conditions on, and assumes (details in ``xpcsfit.cmc.shard``
+    and ``xpcsfit.cmc.noise``):
 
     - the points with t2 > t1 of the selection on the lattice of every ``thin``-th
       frame in t1 and t2 (all points with ``thin=1``);
@@ -81,7 +81,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     - weakly informative priors inside the bounds, placed on NUTS's sampling coordinates
       (J and its log-slope at 1 s, the position of log D0 inside the interval the bounds
       allow; the same for gamma_dot): broad Normals, logit-normal factors on alpha, beta
-      and phi0, zero outside the bounds (``xpcsfit._cmc_model``).
+      and phi0, zero outside the bounds (``xpcsfit.cmc.shard``).
 
     Parameters
     ----------
@@ -180,7 +180,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     if L is None:
         L = DEFAULT_GAP
         if cfg.mode == "laminar_flow":
-            from ._fit import GapWarning
+            from xpcsfit.leastsq.driver import GapWarning
 
             warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å (the result files "
                           "do not record it)", GapWarning, stacklevel=2)
@@ -204,7 +204,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
         fit_result = None
         if fitted is None:
-            from ._fit import fit
+            from xpcsfit.leastsq.driver import fit
 
             _say(progress, "xpcsfit cmc: least-squares fit first (initial point, noise level)")
             fit_result = fit(input, q=q, q_index=q_index, phi=phi, frames=frames, mode=cfg.mode,
@@ -279,7 +279,7 @@ def _n_shards(n_lattice, shards) -> int:
 
 
 def _load_fit(source) -> dict:
-    from ._results import FitResult
+    from xpcsfit.leastsq.results import FitResult
 
     if isinstance(source, FitResult):
         return _fit_dict(source, "FitResult")

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 
-from ._errors import ConfigError, InputError, XpcsfitError
+from xpcsfit.errors import ConfigError, InputError, XpcsfitError
 
 # exception_text of a failed task starts with the exception's repr, "InputError('…')"
 _USER_ERRORS = tuple(f"{cls.__name__}(" for cls in (XpcsfitError, InputError, ConfigError))
@@ -33,7 +33,7 @@ WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD
 
 
 def dask_setup(worker) -> None:
-    """Worker preload (``--preload xpcsfit._cluster``): one XLA compute thread per worker.
+    """Worker preload (``--preload xpcsfit.engine.cluster``): one XLA compute thread per worker.
 
     JAX sizes its CPU thread pool from the CPUs the process may run on when the backend
     starts, and no flag limits it. So the backend is started while the worker may run
@@ -96,7 +96,7 @@ def local_cluster(n_workers: int | None = None, memory_limit="auto"):
         return LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
             memory_limit=memory_limit, env=dict(WORKER_ENV), silence_logs=40,
-            preload=["xpcsfit._cluster"],
+            preload=["xpcsfit.engine.cluster"],
         )
 
 
@@ -133,7 +133,7 @@ def gpu_cluster(gpus: list[str], memory_limit="auto"):
         f"gpu-{g}": {
             "cls": Nanny,
             "options": {"host": "127.0.0.1", "nthreads": 1, "memory_limit": memory_limit,
-                        "env": dict(WORKER_ENV, CUDA_VISIBLE_DEVICES=g), "preload": ["xpcsfit._cluster"]},
+                        "env": dict(WORKER_ENV, CUDA_VISIBLE_DEVICES=g), "preload": ["xpcsfit.engine.cluster"]},
         }
         for g in gpus
     }
