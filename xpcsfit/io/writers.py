@@ -10,7 +10,6 @@ Files are written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 
 from xpcsfit.io import hdf5 as _hdf
+from xpcsfit.io.atomic import atomic_file
 from xpcsfit.errors import ConfigError
 
 MapSource = np.ndarray | Callable[[int, int], np.ndarray]
@@ -204,12 +204,7 @@ def _write_map(f: h5py.File, key: str, source: MapSource, n: int, compression) -
 
 def _atomic_write(path: str | Path, fill: Callable[[h5py.File], None]) -> Path:
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    try:
+    with atomic_file(path) as tmp:
         with h5py.File(tmp, "w") as f:
             fill(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
