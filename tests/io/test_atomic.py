@@ -14,7 +14,7 @@ import pytest
 
 from xpcsfit import cli
 from xpcsfit.errors import ConfigError
-from xpcsfit.io.writers import write_aps_u
+from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.atomic import (PARTIAL_MARKER, _exchange, atomic_directory, atomic_file, claim_result_directory,
                                is_xpcsfit_result)
 
