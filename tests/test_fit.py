@@ -123,7 +123,7 @@ def test_gap_default_warns(small_flow_file, client):
 
 
 def test_nan_in_c2_is_an_input_error(tmp_path, client):
-    from xpcsfit.io.writers import write_aps_u
+    from xpcsfit.io.apsu import write_aps_u
 
     c2 = np.ones((40, 40)) * 1.1
     c2[3, 20] = np.nan

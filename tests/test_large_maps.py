@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xpcsfit.leastsq.plots as plots
-from xpcsfit.io.writers import write_aps_u
+from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.hdf5 import C2Reader, read_info
 from xpcsfit.model import c2_model

@@ -13,7 +13,8 @@ import pytest
 
 import xpcsfit
 from helpers import bounds, in_process, start, synthetic_dataset
-from xpcsfit.leastsq.checkpoint import Checkpoint, atomic_write_text, checkpoint_path, digest, fingerprint
+from xpcsfit.io.atomic import atomic_write_text
+from xpcsfit.leastsq.checkpoint import Checkpoint, checkpoint_path, digest, fingerprint
 from xpcsfit.solver import TrustRegionLM
 
 # ---------------------------------------------------------------------------------

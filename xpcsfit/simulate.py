@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from xpcsfit import __version__
-from xpcsfit.io.writers import write_aps_u
+from xpcsfit.io.apsu import write_aps_u
+from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.errors import ConfigError
 from xpcsfit.model import c2_model
 from xpcsfit.parameters import DEFAULT_GAP, MODES
@@ -38,6 +39,9 @@ _T0_FRACTION = 1e-9
 
 # Root attribute that marks a file written here: only such a file is ever replaced.
 SIMULATED_ATTR = "xpcsfit_simulated"
+
+_TRUTH_UNITS = {"q": "1/Å", "L": "Å", "dt": "s", "D0": "Å²/s^(1+alpha)", "D_offset": "Å²/s",
+                "gamma_dot_t0": "1/s^(1+beta)", "gamma_dot_t_offset": "1/s", "phi0": "deg"}
 
 
 def phi_grid(n_phi: int) -> np.ndarray:
@@ -148,20 +152,9 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
     maps = {(iq, ip): band_of(iq, ip) for iq in range(q.size) for ip in range(n_phi)}
     write_aps_u(out, q_grid=q, phi_grid=phis, maps=maps, frame_time=dt, n_frames=n_frames,
                 attrs={SIMULATED_ATTR: __version__})
-    truth = {
-        "file": out.name,
-        "mode": mode,
-        "truth": {n: values[n] for n in MODES[mode]} | {"L": gap, "dt": dt, "n_frames": n_frames},
-        "contrast": contrast,
-        "offset": offset,
-        "noise_sigma": noise,
-        "q": q.tolist(),
-        "phi": phis.tolist(),
-        "seed": seed,
-        "units": {"q": "1/Å", "L": "Å", "dt": "s", "D0": "Å²/s^(1+alpha)", "D_offset": "Å²/s",
-                  "gamma_dot_t0": "1/s^(1+beta)", "gamma_dot_t_offset": "1/s", "phi0": "deg"},
-    }
-    tmp = truth_path(out).with_suffix(".partial")
-    tmp.write_text(json.dumps(truth, indent=1))
-    tmp.rename(truth_path(out))
+    truth = {"file": out.name, "mode": mode,
+             "truth": {n: values[n] for n in MODES[mode]} | {"L": gap, "dt": dt, "n_frames": n_frames},
+             "contrast": contrast, "offset": offset, "noise_sigma": noise, "q": q.tolist(),
+             "phi": phis.tolist(), "seed": seed, "units": _TRUTH_UNITS}
+    atomic_write_text(truth_path(out), json.dumps(truth, indent=1))
     return out

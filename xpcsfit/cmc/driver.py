@@ -38,7 +38,7 @@ from xpcsfit.config import load_config
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.engine.kernel import ParameterLayout
-from xpcsfit.leastsq.output import claim_result_directory
+from xpcsfit.io.atomic import claim_result_directory
 from xpcsfit.parameters import DEFAULT_GAP, MODES
 from xpcsfit.engine.tiles import plan_tiles
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from xpcsfit.cmc import combine as comb
 from xpcsfit.cmc.shard import PRIOR_SD
-from xpcsfit.leastsq.output import result_manifest
+from xpcsfit.io.atomic import result_manifest
 from xpcsfit.parameters import UNITS
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from xpcsfit.errors import InputError
 from xpcsfit.engine.kernel import Tile
+from xpcsfit.io.finite import require_finite
 
 
 @dataclass(frozen=True)
@@ -76,14 +76,8 @@ def make_tile(c2: np.ndarray, spec: TileSpec) -> Tile:
     n_phi, n1, n2 = c2.shape
     rows = spec.start[0] + np.arange(n1)
     cols = spec.start[1] + np.arange(n2)
+    require_finite(c2, rows, cols, source=spec.source, q=spec.q, phi=spec.phi)
     fitted = cols[None, :] > rows[:, None]
-    bad = ~np.isfinite(c2) & fitted[None]
-    if bad.any():
-        k, i, j = np.argwhere(bad)[0]
-        raise InputError(
-            f"{spec.source}: c2 is not finite at q={spec.q:.6g} 1/Å, phi={spec.phi[k]:.4g}°, "
-            f"t1={spec.t1[i]:.6g} s, t2={spec.t2[j]:.6g} s"
-        )
     size = spec.size
     padded = np.zeros((n_phi, size, size), np.float32)
     padded[:, :n1, :n2] = np.where(fitted[None], c2, 0.0)

@@ -15,10 +15,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from xpcsfit.engine.tiles import tile_edges
+from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.io import hdf5 as _hdf
 from xpcsfit.io import store as _store
-from xpcsfit.errors import ConfigError, InputError
-from xpcsfit.engine.tiles import tile_edges
+from xpcsfit.io.finite import require_finite
 
 Q_TOLERANCE = 0.05  # relative distance allowed between a requested q and a grid q
 EAGER_FINITE_LIMIT = 2e8  # elements; at or below, open_dataset checks NaN/Inf at open
@@ -65,7 +66,8 @@ def open_dataset(
         Inclusive 0-based frame range (A, B), 1 <= A < B <= T-1. Default (1, T-1):
         frame 0 sits at t = 0 where t**alpha is singular.
     dt : float, optional
-        Time step, s; default from the file (see :mod:`xpcsfit.io.hdf5`) or the store.
+        Time step, s; default from the file (see :mod:`xpcsfit.io.apsu`,
+        :mod:`xpcsfit.io.legacy`) or the store.
     tile : int
         Chunk side in t1 and t2 for HDF5 input; a store keeps its own chunks.
     check_finite : bool
@@ -104,83 +106,10 @@ def open_dataset(
         raise InputError(f"{path}: neither an HDF5 file nor a Zarr store")
     n_q, n_phi, n_t, _ = ds["c2"].shape
     if check_finite and n_q * n_phi * n_t * n_t <= EAGER_FINITE_LIMIT:
-        validate_finite(ds)
+        frames = np.arange(n_t)  # t1 and t2 share one frame origin
+        require_finite(ds["c2"].data, frames, frames, source=ds.attrs["source"],
+                       q=ds["q"].values, phi=ds["phi"].values)
     return ds
-
-
-def validate_finite(ds: xr.Dataset) -> None:
-    """Raise InputError if any c2 value with t2 > t1 is NaN or infinite.
-
-    Parameters
-    ----------
-    ds : xarray.Dataset
-        As returned by :func:`open_dataset` (t1 and t2 share one frame origin).
-
-    Raises
-    ------
-    InputError
-        Names ``ds.attrs["source"]`` and the q and phi of the first bad bin.
-    """
-    arr = da.asarray(ds["c2"].data)
-    n_t1, n_t2 = arr.chunks[2], arr.chunks[3]
-    bad = arr.map_blocks(
-        _bad_upper_block,
-        chunks=(arr.chunks[0], arr.chunks[1], (1,) * len(n_t1), (1,) * len(n_t2)),
-        dtype=bool,
-    ).any(axis=(2, 3))
-    # Read here, not on a cluster: a check before any fit work, and cheap at the sizes
-    # open_dataset checks eagerly.
-    hits = np.argwhere(np.asarray(bad.compute(scheduler="threads")))
-    if hits.size:
-        iq, ip = hits[0]
-        raise _nonfinite_error(ds.attrs.get("source", "?"), ds["q"].values[iq], ds["phi"].values[ip])
-
-
-def check_tile_finite(c2_block, t1_index, t2_index, source, q, phi) -> None:
-    """Raise InputError if a loaded tile holds a non-finite value with t2 > t1.
-
-    Call it on the data as loaded, before any padding.
-
-    Parameters
-    ----------
-    c2_block : ndarray, shape (n_phi, n_t1, n_t2) or (n_q, n_phi, n_t1, n_t2)
-        The tile.
-    t1_index, t2_index : array_like, shapes (n_t1,), (n_t2,)
-        Frame indices (or times; only their order is used) of the tile's rows/columns.
-    source : str
-        File name for the message.
-    q : float or sequence of float
-        q of the tile (1/Å): one value for a 3-D block, n_q values for a 4-D block.
-    phi : sequence of float, shape (n_phi,)
-        phi of the tile's angles, degrees.
-
-    Raises
-    ------
-    InputError
-        Same message as :func:`validate_finite`.
-    """
-    block = np.asarray(c2_block)
-    qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
-    if block.ndim == 3:
-        block = block[None]
-    upper = np.asarray(t2_index)[None, :] > np.asarray(t1_index)[:, None]
-    bad = (~np.isfinite(block) & upper).any(axis=(2, 3))
-    hits = np.argwhere(bad)
-    if hits.size:
-        iq, ip = hits[0]
-        raise _nonfinite_error(source, qs[iq], np.asarray(phi, dtype=np.float64)[ip])
-
-
-def _bad_upper_block(block: np.ndarray, block_info=None) -> np.ndarray:
-    (r0, r1), (c0, c1) = block_info[0]["array-location"][2:]
-    upper = np.arange(c0, c1)[None, :] > np.arange(r0, r1)[:, None]
-    return (~np.isfinite(block) & upper).any(axis=(2, 3), keepdims=True)
-
-
-def _nonfinite_error(source, q, phi) -> InputError:
-    return InputError(
-        f"{source}: non-finite c2 values above the diagonal at q={q:.6g} 1/Å, phi={phi:.6g} deg"
-    )
 
 
 def _open_from_hdf(path, q, q_index, phi, frames, dt, tile) -> xr.Dataset:

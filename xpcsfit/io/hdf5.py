@@ -1,21 +1,12 @@
-"""Read APS 8-ID-I two-time result files (DESIGN.md §3).
+"""HDF5 two-time result files (DESIGN.md §3): what both layouts share.
 
-Two layouts are understood, told apart by their keys:
-
-``aps-u`` (NeXus result written by boost_corr)
-    maps ``/xpcs/twotime/correlation_map/c2_NNNNN``; the i-th map in sorted name order
-    belongs to the 1-based dynamic bin ``/xpcs/twotime/processed_bins[i]``; the bin is
-    placed on the grid ``/xpcs/qmap/dynamic_v_list_dim0 × dynamic_v_list_dim1`` through
-    ``dynamic_index_mapping``, ``dynamic_num_pts`` and ``map_names``. Time step
-    dt = ``/entry/instrument/detector_1/frame_time`` × ``/xpcs/twotime/config/stride_frame``
-    × ``/xpcs/twotime/config/avg_frame`` (all three required).
-``legacy`` (older APS layout)
-    maps ``/exchange/C2T_all/g2_NNNNN``; the i-th map in sorted name order has q
-    ``/xpcs/dqlist[0, i]`` and phi ``/xpcs/dphilist[0, i]``; the q (phi) grid is the
-    sorted unique list of those values. Time step dt =
-    ``/measurement/instrument/detector/exposure_period`` × ``/xpcs/avg_frames`` ×
-    ``/xpcs/stride_frames``; the last two are taken as 1 when absent (documented
-    default: older files written without frame averaging or striding omit them).
+Two layouts are understood, each in its own module with its keys, its map discovery,
+its time step and its writer: :mod:`xpcsfit.io.apsu` (NeXus result of boost_corr, maps
+under ``/xpcs/twotime/correlation_map``) and :mod:`xpcsfit.io.legacy` (older APS
+layout, maps under ``/exchange/C2T_all``). This module tells them apart by the map group
+present (:func:`read_info`, :func:`read_dt`), and holds what both readers use: the
+validated readers of single keys, the map-shape checks, and :class:`C2Reader`. What
+both writers use is in :mod:`xpcsfit.io.h5writer`.
 
 Everything here is cheap metadata work except :class:`C2Reader`, which reads the slices
 of the maps that a dask chunk needs.
@@ -24,7 +15,6 @@ of the maps that a dask chunk needs.
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,26 +23,6 @@ import numpy as np
 
 from xpcsfit.errors import InputError
 
-APSU_MAPS = "/xpcs/twotime/correlation_map"
-APSU_BINS = "/xpcs/twotime/processed_bins"
-APSU_Q = "/xpcs/qmap/dynamic_v_list_dim0"
-APSU_PHI = "/xpcs/qmap/dynamic_v_list_dim1"
-APSU_INDEX_MAPPING = "/xpcs/qmap/dynamic_index_mapping"
-APSU_NUM_PTS = "/xpcs/qmap/dynamic_num_pts"
-APSU_MAP_NAMES = "/xpcs/qmap/map_names"
-APSU_FRAME_TIME = "/entry/instrument/detector_1/frame_time"
-APSU_STRIDE = "/xpcs/twotime/config/stride_frame"
-APSU_AVG = "/xpcs/twotime/config/avg_frame"
-
-LEGACY_MAPS = "/exchange/C2T_all"
-LEGACY_Q = "/xpcs/dqlist"
-LEGACY_PHI = "/xpcs/dphilist"
-LEGACY_EXPOSURE = "/measurement/instrument/detector/exposure_period"
-LEGACY_AVG = "/xpcs/avg_frames"
-LEGACY_STRIDE = "/xpcs/stride_frames"
-
-_APSU_NAME = re.compile(r"^c2_(\d+)$")
-_LEGACY_NAME = re.compile(r"^g2_(\d+)$")
 _HASH_BLOCK = 8 * 1024 * 1024
 
 
@@ -137,7 +107,7 @@ def open_h5(path: str | Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
     except OSError as exc:
-        raise InputError(f"{path}: cannot open as HDF5 ({_one_line(exc)})") from exc
+        raise InputError(f"{path}: cannot open as HDF5 ({one_line(exc)})") from exc
 
 
 def read_info(path: str | Path) -> FileInfo:
@@ -161,10 +131,7 @@ def read_info(path: str | Path) -> FileInfo:
     path = Path(path)
     with open_h5(path) as f:
         layout = detect_layout(f, path)
-        if layout == "aps-u":
-            q_grid, phi_grid, maps = _apsu_maps(f, path)
-        else:
-            q_grid, phi_grid, maps = _legacy_maps(f, path)
+        q_grid, phi_grid, maps = _layouts()[layout].read_maps(f, path)
         n_frames = _check_map_shapes(f, path, maps.values())
     return FileInfo(path.resolve(), layout, q_grid, phi_grid, maps, n_frames)
 
@@ -177,20 +144,21 @@ def detect_layout(f: h5py.File, path: Path) -> str:
     InputError
         Neither or both map groups are present.
     """
-    apsu, legacy = APSU_MAPS in f, LEGACY_MAPS in f
-    if apsu and legacy:
-        raise InputError(f"{path}: holds both {APSU_MAPS} and {LEGACY_MAPS}; layout is ambiguous")
-    if apsu:
-        return "aps-u"
-    if legacy:
-        return "legacy"
-    raise InputError(
-        f"{path}: missing key {APSU_MAPS} (APS-U layout) or {LEGACY_MAPS} (legacy layout)"
-    )
+    layouts = _layouts()
+    apsu, legacy = layouts["aps-u"].MAPS, layouts["legacy"].MAPS
+    present = [name for name, module in layouts.items() if module.MAPS in f]
+    if len(present) > 1:
+        raise InputError(f"{path}: holds both {apsu} and {legacy}; layout is ambiguous")
+    if not present:
+        raise InputError(f"{path}: missing key {apsu} (APS-U layout) or {legacy} (legacy layout)")
+    return present[0]
 
 
 def read_dt(path: str | Path, layout: str) -> float:
-    """Two-time step dt (s) from the file's timing keys (see module docstring).
+    """Two-time step dt (s): the product of the layout's timing keys.
+
+    The keys are ``DT_KEYS`` of :mod:`xpcsfit.io.apsu` (all required) or
+    :mod:`xpcsfit.io.legacy` (averaging and stride taken as 1 when absent).
 
     Parameters
     ----------
@@ -207,24 +175,28 @@ def read_dt(path: str | Path, layout: str) -> float:
     Raises
     ------
     InputError
-        A timing key is missing (stride/avg only for APS-U), or a value is not finite
-        and positive; the message names the key.
+        A required timing key is missing, or a value is not finite and positive; the
+        message names the key.
     """
     path = Path(path)
+    keys = _layouts()[layout].DT_KEYS
     with open_h5(path) as f:
-        if layout == "aps-u":
-            keys = [(APSU_FRAME_TIME, True), (APSU_STRIDE, True), (APSU_AVG, True)]
-        else:
-            keys = [(LEGACY_EXPOSURE, True), (LEGACY_AVG, False), (LEGACY_STRIDE, False)]
         dt = 1.0
         for key, required in keys:
             if key not in f and not required:
                 continue
-            value = _scalar(f, key, path)
+            value = scalar(f, key, path)
             if not (np.isfinite(value) and value > 0):
                 raise InputError(f"{path}: {key} = {value!r} is not a finite positive number")
             dt *= value
     return float(dt)
+
+
+def _layouts() -> dict:
+    """The layout modules by name. Imported here, not at the top: they build on this module."""
+    from xpcsfit.io import apsu, legacy
+
+    return {apsu.LAYOUT: apsu, legacy.LAYOUT: legacy}
 
 
 class C2Reader:
@@ -331,79 +303,14 @@ def _normalize_key(key, shape):
     return ranges, (tuple(squeeze) if any_int else None)
 
 
-def _apsu_maps(f: h5py.File, path: Path):
-    names = _sorted_map_names(f, path, APSU_MAPS, _APSU_NAME, "c2_NNNNN")
-    bins = _int_vector(f, APSU_BINS, path)
-    if bins.size != len(names):
-        raise InputError(
-            f"{path}: {APSU_BINS} has {bins.size} entries but {APSU_MAPS} holds {len(names)} maps"
-        )
-    dim0 = _float_vector(f, APSU_Q, path)
-    dim1 = _float_vector(f, APSU_PHI, path)
-    mapping = _int_vector(f, APSU_INDEX_MAPPING, path)
-    num_pts = _int_vector(f, APSU_NUM_PTS, path)
-    if num_pts.size != 2 or tuple(num_pts) != (dim0.size, dim1.size):
-        raise InputError(
-            f"{path}: {APSU_NUM_PTS} = {num_pts.tolist()} does not match the grid sizes "
-            f"({dim0.size}, {dim1.size}) of {APSU_Q} and {APSU_PHI}"
-        )
-    map_names = [_decode(v).strip().lower() for v in np.ravel(_require(f, APSU_MAP_NAMES, path)[()])]
-    if map_names == ["q", "phi"]:
-        q_dim = 0
-    elif map_names == ["phi", "q"]:
-        q_dim = 1
-    else:
-        raise InputError(f"{path}: {APSU_MAP_NAMES} = {map_names} is neither [q, phi] nor [phi, q]")
-    n_cells = dim0.size * dim1.size
-    maps: dict[tuple[int, int], str] = {}
-    for name, b in zip(names, bins):
-        if not 1 <= b <= mapping.size:
-            raise InputError(
-                f"{path}: {APSU_BINS} value {b} (map {name}) outside {APSU_INDEX_MAPPING} "
-                f"(1..{mapping.size})"
-            )
-        absolute = int(mapping[b - 1])
-        if not 0 <= absolute < n_cells:
-            raise InputError(
-                f"{path}: {APSU_INDEX_MAPPING}[{b - 1}] = {absolute} outside the "
-                f"{dim0.size}x{dim1.size} grid"
-            )
-        # pyXpcsViewer rule: absolute = i0 * n_dim1 + i1
-        i0, i1 = divmod(absolute, dim1.size)
-        cell = (i0, i1) if q_dim == 0 else (i1, i0)
-        if cell in maps:
-            raise InputError(
-                f"{path}: maps {maps[cell].rsplit('/', 1)[1]} and {name} both belong to bin "
-                f"(q index {cell[0]}, phi index {cell[1]})"
-            )
-        maps[cell] = f"{APSU_MAPS}/{name}"
-    q_grid, phi_grid = (dim0, dim1) if q_dim == 0 else (dim1, dim0)
-    return q_grid, phi_grid, maps
+def sorted_map_names(f: h5py.File, path: Path, group: str, pattern, what: str) -> list[str]:
+    """Names in ``group`` matching ``pattern`` (one number group), in numeric order.
 
-
-def _legacy_maps(f: h5py.File, path: Path):
-    names = _sorted_map_names(f, path, LEGACY_MAPS, _LEGACY_NAME, "g2_NNNNN")
-    qs = _round_rel(_float_vector(f, LEGACY_Q, path, allow_row=True))
-    phis = _round_rel(_float_vector(f, LEGACY_PHI, path, allow_row=True))
-    for key, values in ((LEGACY_Q, qs), (LEGACY_PHI, phis)):
-        if values.size != len(names):
-            raise InputError(
-                f"{path}: {key} has {values.size} entries but {LEGACY_MAPS} holds {len(names)} maps"
-            )
-    q_grid, phi_grid = np.unique(qs), np.unique(phis)
-    maps: dict[tuple[int, int], str] = {}
-    for name, q, phi in zip(names, qs, phis):
-        cell = (int(np.searchsorted(q_grid, q)), int(np.searchsorted(phi_grid, phi)))
-        if cell in maps:
-            raise InputError(
-                f"{path}: maps {maps[cell].rsplit('/', 1)[1]} and {name} both have "
-                f"q={q:.6g}, phi={phi:.6g}"
-            )
-        maps[cell] = f"{LEGACY_MAPS}/{name}"
-    return q_grid, phi_grid, maps
-
-
-def _sorted_map_names(f, path, group, pattern, what):
+    Raises
+    ------
+    InputError
+        ``group`` is not a group or holds no such map (``what`` names the pattern).
+    """
     grp = f[group]
     if not isinstance(grp, h5py.Group):
         raise InputError(f"{path}: {group} is not a group")
@@ -432,7 +339,8 @@ def _check_map_shapes(f, path, keys) -> int:
     return int(shape[0])
 
 
-def _require(f, key, path):
+def require(f, key, path) -> h5py.Dataset:
+    """The dataset ``key`` of ``f``; InputError naming ``path`` and ``key`` if missing or a group."""
     if key not in f:
         raise InputError(f"{path}: missing key {key}")
     obj = f[key]
@@ -441,16 +349,18 @@ def _require(f, key, path):
     return obj
 
 
-def _scalar(f, key, path) -> float:
-    value = np.asarray(_require(f, key, path)[()])
+def scalar(f, key, path) -> float:
+    """The one number stored at ``key`` (any shape of size 1); InputError otherwise."""
+    value = np.asarray(require(f, key, path)[()])
     # legacy files often store scalars as (1, 1) arrays
     if value.size != 1 or not np.issubdtype(value.dtype, np.number):
         raise InputError(f"{path}: {key} should be one number, got shape {value.shape} {value.dtype}")
     return float(value.ravel()[0])
 
 
-def _float_vector(f, key, path, allow_row=False) -> np.ndarray:
-    value = np.asarray(_require(f, key, path)[()])
+def float_vector(f, key, path, allow_row=False) -> np.ndarray:
+    """Non-empty, finite 1-D float64 array at ``key`` (also (1, n) with ``allow_row``)."""
+    value = np.asarray(require(f, key, path)[()])
     if allow_row and value.ndim == 2 and value.shape[0] == 1:
         value = value[0]
     if value.ndim != 1 or value.size == 0 or not np.issubdtype(value.dtype, np.number):
@@ -461,8 +371,9 @@ def _float_vector(f, key, path, allow_row=False) -> np.ndarray:
     return value
 
 
-def _int_vector(f, key, path) -> np.ndarray:
-    value = np.asarray(_require(f, key, path)[()])
+def int_vector(f, key, path) -> np.ndarray:
+    """1-D int64 array at ``key`` (stored as any integer type); InputError otherwise."""
+    value = np.asarray(require(f, key, path)[()])
     if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
         raise InputError(
             f"{path}: {key} should be a 1-D integer array, got shape {value.shape} {value.dtype}"
@@ -470,14 +381,11 @@ def _int_vector(f, key, path) -> np.ndarray:
     return value.astype(np.int64)
 
 
-def _round_rel(values: np.ndarray) -> np.ndarray:
-    """Round to 10 significant digits so that equal bins compare equal (1e-9 relative)."""
-    return np.array([float(f"{v:.9e}") for v in values], dtype=np.float64)
-
-
-def _decode(value) -> str:
+def decode(value) -> str:
+    """An HDF5 string value (bytes or str) as str."""
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (for one-line errors)."""
     return " ".join(str(exc).split())

@@ -18,9 +18,6 @@ are never written, and inside diagonal tiles the lower triangle is NaN.
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -31,6 +28,7 @@ import xarray as xr
 import zarr
 
 from xpcsfit.io import hdf5 as _hdf
+from xpcsfit.io.atomic import atomic_directory
 from xpcsfit.errors import ConfigError, InputError
 
 STORE_VERSION = 1
@@ -57,8 +55,9 @@ def ingest(source: str | Path, store: str | Path, *, tile: int = 256, gap: float
 
     All q that have maps, all phi and all frames are copied, one q and one band of
     ``tile`` rows at a time (memory ~ n_phi × tile × T × 4 bytes). The store is built
-    in a sibling ``STORE.partial-<random>`` directory and renamed when complete, so a
-    failed ingest leaves nothing at ``store``.
+    in a sibling ``STORE.partial-<random>`` directory and renamed when complete
+    (:func:`xpcsfit.io.atomic.atomic_directory`), so a failed ingest leaves nothing at
+    ``store``.
 
     Parameters
     ----------
@@ -97,20 +96,13 @@ def ingest(source: str | Path, store: str | Path, *, tile: int = 256, gap: float
         return _existing(store, digest)
     dt = _hdf.read_dt(source, info.layout)
 
-    tmp = store.with_name(f"{store.name}.partial-{secrets.token_hex(4)}")
     try:
-        _write_store(tmp, info, digest, dt, int(tile), gap)
-        try:
-            os.rename(tmp, store)
-        except OSError:
-            # another process finished the same store first
-            if not store.exists():
-                raise
-            shutil.rmtree(tmp)
-            return _existing(store, digest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(store) as tmp:
+            _write_store(tmp, info, digest, dt, int(tile), gap)
+    except FileExistsError:
+        if not (store.exists() or store.is_symlink()):
+            raise
+        return _existing(store, digest)  # another process finished the same store first
     return Ingested(store.resolve(), True)
 
 
@@ -149,7 +141,7 @@ def store_attrs(store: Path) -> dict:
         group = zarr.open_group(store, mode="r", zarr_format=3)
     except Exception as exc:  # zarr raises several types for unreadable metadata
         raise InputError(
-            f"{store}: exists but is not a readable Zarr v3 group ({_hdf._one_line(exc)})"
+            f"{store}: exists but is not a readable Zarr v3 group ({_hdf.one_line(exc)})"
         ) from exc
     attrs = dict(group.attrs)
     if attrs.get("xpcsfit_store") != STORE_VERSION:

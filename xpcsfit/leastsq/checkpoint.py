@@ -35,54 +35,19 @@ File layout (JSON)::
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.io.store import STORE_VERSION
 
 KIND = "xpcsfit-checkpoint"
 FORMAT = 1
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Replace the file ``path`` by one holding ``text`` (UTF-8), atomically.
-
-    The text goes to a temporary file in the same directory (``NAME.tmp-XXXX``), which is
-    flushed and fsynced, then renamed over ``path`` with :func:`os.replace`, and the
-    directory is fsynced. A reader sees the old content or the new, never a part; after
-    a crash the new content is on disk once this returned.
-
-    Raises
-    ------
-    OSError
-        If the directory is missing or not writable, or the disk is full; ``path`` is
-        then unchanged and the temporary file removed.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # makes the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def checkpoint_path(out: str | Path) -> Path:

@@ -18,7 +18,8 @@ from xpcsfit.errors import ConfigError
 from xpcsfit.engine.evaluator import DaskEvaluator
 from xpcsfit.leastsq.initial import initial_estimates
 from xpcsfit.engine.kernel import ParameterLayout
-from xpcsfit.leastsq.output import claim_result_directory, create_fitted_store, result_manifest, write_fitted_tile
+from xpcsfit.io.atomic import claim_result_directory, result_manifest
+from xpcsfit.leastsq.output import create_fitted_store, write_fitted_tile
 from xpcsfit.parameters import DEFAULT_GAP, DEFAULT_INITIAL, physics_names
 from xpcsfit.leastsq.results import FitResult, correlation_warnings, covariance_from_normal_equations, transport_bands
 from xpcsfit.solver import IterationReport, SolverState, TrustRegionLM

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 
-from xpcsfit.io import store as _store
-from xpcsfit.io.writers import write_aps_u
-from xpcsfit.io.dataset import open_dataset
+from io_helpers import FLOW, STATIC
 from xpcsfit.errors import ConfigError, InputError
+from xpcsfit.io import store as _store
+from xpcsfit.io.apsu import write_aps_u
+from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.store import ingest
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-FLOW = DATA / "flow_small.hdf"
-STATIC = DATA / "static_small.hdf"
 
 
 @pytest.fixture(scope="module")
