@@ -302,7 +302,7 @@ def test_checkpoint_of_another_input_file_is_not_used(flow_file, tmp_path):
 
 
 # ---------------------------------------------------------------------------------
-# The driver loop (``_fit._solve``) in process: quick, and the paths a cluster run
+# The driver loop (``xpcsfit.leastsq.driver._solve``) in process: quick, and the paths a cluster run
 # rarely takes.
 
 

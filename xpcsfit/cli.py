@@ -102,7 +102,9 @@ _RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate, "
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    warnings.simplefilter("default")
+    # xpcsfit's own warnings (UserWarning subclasses) show under Python's default filters;
+    # "default" for every category would also print the ResourceWarnings of libraries.
+    warnings.simplefilter("default", UserWarning)
     warnings.formatwarning = lambda message, category, *a, **k: f"xpcsfit: warning: {message}\n"
     try:
         return _RUNNERS[args.command](args)

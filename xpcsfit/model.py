@@ -81,7 +81,7 @@ def g1_squared(theta, mode, q, L, phi, t1, t2):
     Parameters
     ----------
     theta : array (p,)
-        Physics parameters in the order of ``_parameters.MODES[mode]``.
+        Physics parameters in the order of ``xpcsfit.parameters.MODES[mode]``.
     mode : {"static", "laminar_flow"}
         Static (Python) argument.
     q : scalar

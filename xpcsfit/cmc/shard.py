@@ -79,7 +79,7 @@ class Coordinates:
     ----------
     mode : {"static", "laminar_flow"}
     names : tuple of str
-        Physics parameter names in θ order (``_parameters.MODES[mode]``).
+        Physics parameter names in θ order (``xpcsfit.parameters.MODES[mode]``).
     lower, upper : tuple of float
         Bounds of each physics parameter (same order); D0 and gamma_dot_t0 need
         lower > 0, alpha and beta lower < 0 < upper.

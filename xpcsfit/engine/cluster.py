@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 
 from xpcsfit.errors import ConfigError, InputError, XpcsfitError
 
@@ -92,11 +93,14 @@ def local_cluster(n_workers: int | None = None, memory_limit="auto"):
     if gpus:
         return gpu_cluster(gpus[: n_workers or len(gpus)], memory_limit)
     n = n_workers or max(1, min(8, os.cpu_count() or 1))
-    with dask.config.set(WORKER_DASK_CONFIG):
+    with dask.config.set(WORKER_DASK_CONFIG), warnings.catch_warnings():
+        # A dashboard port taken by another cluster is not the user's concern: the
+        # dashboard moves to a free port, and the fit prints its link.
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
         return LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-            memory_limit=memory_limit, env=dict(WORKER_ENV), silence_logs=40,
-            preload=["xpcsfit.engine.cluster"],
+            dashboard_address="127.0.0.1:8787", memory_limit=memory_limit, env=dict(WORKER_ENV),
+            silence_logs=40, preload=["xpcsfit.engine.cluster"],
         )
 
 
@@ -128,7 +132,7 @@ def gpu_cluster(gpus: list[str], memory_limit="auto"):
     import dask
     from distributed import Nanny, Scheduler, SpecCluster
 
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":8787"}}
+    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:8787"}}
     workers = {
         f"gpu-{g}": {
             "cls": Nanny,

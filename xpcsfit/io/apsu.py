@@ -22,7 +22,8 @@ import numpy as np
 
 from xpcsfit.errors import InputError
 from xpcsfit.io.h5writer import MapSource, check_maps, write_file, write_maps
-from xpcsfit.io.hdf5 import decode, float_vector, int_vector, require, sorted_map_names
+from xpcsfit.io.h5values import decode, float_vector, int_vector, read
+from xpcsfit.io.hdf5 import check_bin_values, sorted_map_names
 
 LAYOUT = "aps-u"
 MAPS = "/xpcs/twotime/correlation_map"
@@ -50,14 +51,15 @@ def read_maps(f: h5py.File, path: Path) -> tuple[np.ndarray, np.ndarray, dict[tu
     InputError
         A key missing or malformed, ``processed_bins`` not one per map, a bin outside
         ``dynamic_index_mapping`` or the grid, ``map_names`` neither [q, phi] nor
-        [phi, q], or two maps of one bin.
+        [phi, q], repeated grid values, two maps of one bin, or q or phi of a map
+        outside the plausible ranges (:func:`xpcsfit.io.hdf5.check_bin_values`).
     """
     names = sorted_map_names(f, path, MAPS, _NAME, "c2_NNNNN")
     bins = int_vector(f, BINS, path)
     if bins.size != len(names):
         raise InputError(f"{path}: {BINS} has {bins.size} entries but {MAPS} holds {len(names)} maps")
-    dim0 = float_vector(f, Q, path)
-    dim1 = float_vector(f, PHI, path)
+    dim0 = float_vector(f, Q, path, distinct=True)
+    dim1 = float_vector(f, PHI, path, distinct=True)
     mapping = int_vector(f, INDEX_MAPPING, path)
     num_pts = int_vector(f, NUM_PTS, path)
     if num_pts.size != 2 or tuple(num_pts) != (dim0.size, dim1.size):
@@ -65,7 +67,7 @@ def read_maps(f: h5py.File, path: Path) -> tuple[np.ndarray, np.ndarray, dict[tu
             f"{path}: {NUM_PTS} = {num_pts.tolist()} does not match the grid sizes "
             f"({dim0.size}, {dim1.size}) of {Q} and {PHI}"
         )
-    map_names = [decode(v).strip().lower() for v in np.ravel(require(f, MAP_NAMES, path)[()])]
+    map_names = [decode(v).strip().lower() for v in np.ravel(read(f, MAP_NAMES, path))]
     if map_names == ["q", "phi"]:
         q_dim = 0
     elif map_names == ["phi", "q"]:
@@ -91,10 +93,12 @@ def read_maps(f: h5py.File, path: Path) -> tuple[np.ndarray, np.ndarray, dict[tu
         if cell in maps:
             raise InputError(
                 f"{path}: maps {maps[cell].rsplit('/', 1)[1]} and {name} both belong to bin "
-                f"(q index {cell[0]}, phi index {cell[1]})"
+                f"(q index {cell[0]}, phi index {cell[1]}) ({BINS} / {INDEX_MAPPING})"
             )
         maps[cell] = f"{MAPS}/{name}"
     q_grid, phi_grid = (dim0, dim1) if q_dim == 0 else (dim1, dim0)
+    q_key, phi_key = (Q, PHI) if q_dim == 0 else (PHI, Q)
+    check_bin_values(path, q_key, phi_key, q_grid, phi_grid, maps)
     return q_grid, phi_grid, maps
 
 

@@ -15,11 +15,13 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from xpcsfit.config import short_repr
 from xpcsfit.engine.tiles import tile_edges
 from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.io import hdf5 as _hdf
 from xpcsfit.io import store as _store
 from xpcsfit.io.finite import require_finite
+from xpcsfit.io.h5values import one_line
 
 Q_TOLERANCE = 0.05  # relative distance allowed between a requested q and a grid q
 EAGER_FINITE_LIMIT = 2e8  # elements; at or below, open_dataset checks NaN/Inf at open
@@ -66,8 +68,8 @@ def open_dataset(
         Inclusive 0-based frame range (A, B), 1 <= A < B <= T-1. Default (1, T-1):
         frame 0 sits at t = 0 where t**alpha is singular.
     dt : float, optional
-        Time step, s; default from the file (see :mod:`xpcsfit.io.apsu`,
-        :mod:`xpcsfit.io.legacy`) or the store.
+        Time step, s, within :data:`xpcsfit.io.hdf5.DT_RANGE`; default from the file
+        (see :mod:`xpcsfit.io.apsu`, :mod:`xpcsfit.io.legacy`) or the store.
     tile : int
         Chunk side in t1 and t2 for HDF5 input; a store keeps its own chunks.
     check_finite : bool
@@ -119,7 +121,7 @@ def _open_from_hdf(path, q, q_index, phi, frames, dt, tile) -> xr.Dataset:
     dt = _check_dt(dt) if dt is not None else _hdf.read_dt(path, info.layout)
     keys = [[info.maps[(iq, ip)] for ip in phi_sel] for iq in q_sel]
     digest = _hdf.sha256_file(info.path)
-    reader = _hdf.C2Reader(info.path, keys, frame_range, token=digest)
+    reader = _ReadErrors(_hdf.C2Reader(info.path, keys, frame_range, token=digest))
     # Chunk edges at absolute frame multiples of ``tile``, like the fit's tiles, so
     # that loading one tile is one read.
     n_t = frame_range[1] - frame_range[0] + 1
@@ -135,23 +137,39 @@ def _open_from_hdf(path, q, q_index, phi, frames, dt, tile) -> xr.Dataset:
     return _build(c2, grid, q_sel, phi_sel, frame_range, dt, attrs)
 
 
+class _ReadErrors:
+    """A C2Reader whose HDF5 read failures are InputErrors naming the file.
+
+    The metadata checks at open cannot see a damaged data chunk (h5py: "filter returned
+    failure during read"); it is found when a worker reads it, and must end as the
+    same one-line error as any other bad input, not as an OSError traceback.
+    """
+
+    def __init__(self, reader: _hdf.C2Reader):
+        self.reader = reader
+        self.shape, self.dtype, self.ndim = reader.shape, reader.dtype, reader.ndim
+
+    def __dask_tokenize__(self):
+        return self.reader.__dask_tokenize__()
+
+    def __getitem__(self, key) -> np.ndarray:
+        try:
+            return self.reader[key]
+        except (OSError, KeyError, RuntimeError) as exc:
+            raise InputError(
+                f"{self.reader.path}: cannot read the two-time maps ({one_line(exc)})"
+            ) from None
+
+
 def _open_from_store(path, q, q_index, phi, frames, dt) -> xr.Dataset:
     raw = _store.open_store(path)
     a = raw.attrs
-    stored_q = [int(i) for i in a["q_index"]]
-    q_grid = np.asarray(a["q_grid"], dtype=np.float64)
-    phi_grid = raw["phi"].values.astype(np.float64)
+    stored_q, q_grid, phi_grid, has_stored = _store_grid(path, raw)
     has_map = np.zeros((q_grid.size, phi_grid.size), dtype=bool)
-    has_map[stored_q] = np.asarray(a["has_map"], dtype=bool)
+    has_map[stored_q] = has_stored
     grid = _Grid(str(path), q_grid, phi_grid, has_map, int(a["n_frames"]))
     q_sel, phi_sel, (first, last) = _select(grid, q, q_index, phi, frames)
-    if dt is None:
-        dt = a["dt"]
-        if not (isinstance(dt, (int, float)) and np.isfinite(dt) and dt > 0):
-            raise InputError(f"{path}: store attribute dt = {dt!r} is not a finite positive number")
-        dt = float(dt)
-    else:
-        dt = _check_dt(dt)
+    dt = _check_dt(dt) if dt is not None else float(a["dt"])
     c2 = raw["c2"].data
     c2 = c2[[stored_q.index(i) for i in q_sel]]
     if phi_sel != list(range(phi_grid.size)):
@@ -167,6 +185,52 @@ def _open_from_store(path, q, q_index, phi, frames, dt) -> xr.Dataset:
     if "L" in a:
         attrs["L"] = float(a["L"])
     return _build(c2, grid, q_sel, phi_sel, (first, last), dt, attrs)
+
+
+def _store_grid(path: Path, raw: xr.Dataset):
+    """Validate the store attributes that open_dataset and fit use.
+
+    Returns (stored q positions, q grid, phi grid, has_map of the stored q). A store
+    edited by hand (or damaged) gets an InputError naming the attribute.
+    """
+    a = raw.attrs
+    shape = raw["c2"].shape
+
+    def bad(key, why):
+        return InputError(f"{path}: store attribute {key} = {short_repr(a.get(key))} {why}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+
+    n = a["n_frames"]
+    if not (is_int(n) and n >= 3 and tuple(shape[2:]) == (n, n)):
+        raise bad("n_frames", f"does not match c2 of shape {tuple(shape)}")
+    if not (is_int(a["tile"]) and a["tile"] >= 1):
+        raise bad("tile", "is not a positive integer")
+    if not (is_real(a["dt"]) and _hdf.DT_RANGE[0] <= a["dt"] <= _hdf.DT_RANGE[1]):
+        raise bad("dt", f"is not a number in {_hdf.DT_RANGE[0]:g} .. {_hdf.DT_RANGE[1]:g} s")
+    if "L" in a and not (is_real(a["L"]) and a["L"] > 0):
+        raise bad("L", "is not a finite positive number (Å)")
+    for key in ("source", "sha256", "layout"):
+        if not isinstance(a[key], str):
+            raise bad(key, "is not a string")
+    q_grid = a["q_grid"]
+    if not (isinstance(q_grid, list) and q_grid and all(is_real(v) for v in q_grid)):
+        raise bad("q_grid", "is not a non-empty list of finite numbers")
+    stored = a["q_index"]
+    if not (isinstance(stored, list) and len(stored) == shape[0]
+            and all(is_int(i) and 0 <= i < len(q_grid) for i in stored) and len(set(stored)) == len(stored)):
+        raise bad("q_index", f"is not {shape[0]} distinct positions in q_grid")
+    phi_grid = np.asarray(raw["phi"].values)
+    if phi_grid.shape != (shape[1],) or phi_grid.dtype.kind not in "iuf" or not np.isfinite(phi_grid).all():
+        raise InputError(f"{path}: store coordinate phi is not {shape[1]} finite numbers")
+    has_map = np.asarray(a["has_map"])
+    if has_map.dtype != bool or has_map.shape != tuple(shape[:2]):
+        raise bad("has_map", f"is not a {shape[0]} x {shape[1]} array of booleans")
+    return list(stored), np.asarray(q_grid, np.float64), phi_grid.astype(np.float64), has_map
 
 
 def _build(c2, grid: _Grid, q_sel, phi_sel, frame_range, dt, attrs) -> xr.Dataset:
@@ -295,6 +359,9 @@ def _check_dt(dt) -> float:
     numeric = isinstance(dt, (int, float, np.number)) and not isinstance(dt, bool)
     if not (numeric and np.isfinite(dt) and dt > 0):
         raise ConfigError(f"dt = {dt!r}: must be a finite number > 0 (s)")
+    lo, hi = _hdf.DT_RANGE
+    if not lo <= dt <= hi:
+        raise ConfigError(f"dt = {dt!r}: outside {lo:g} .. {hi:g} s")
     return float(dt)
 
 

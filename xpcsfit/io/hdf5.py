@@ -5,8 +5,17 @@ its time step and its writer: :mod:`xpcsfit.io.apsu` (NeXus result of boost_corr
 under ``/xpcs/twotime/correlation_map``) and :mod:`xpcsfit.io.legacy` (older APS
 layout, maps under ``/exchange/C2T_all``). This module tells them apart by the map group
 present (:func:`read_info`, :func:`read_dt`), and holds what both readers use: the
-validated readers of single keys, the map-shape checks, and :class:`C2Reader`. What
-both writers use is in :mod:`xpcsfit.io.h5writer`.
+plausible ranges, the map-name, map-shape and bin-value checks, and :class:`C2Reader`.
+The validated readers of single keys are in :mod:`xpcsfit.io.h5values`; what both
+writers use is in :mod:`xpcsfit.io.h5writer`.
+
+Every value read is validated (DESIGN.md §3): grids finite, real and (APS-U) distinct;
+where a map exists q in :data:`Q_RANGE` and |phi| <= :data:`PHI_LIMIT`; each map in
+exactly one grid cell; map numbers unique; stride and avg positive whole numbers; dt in
+:data:`DT_RANGE`. The ranges hold every XPCS measurement by orders of magnitude; values
+outside them are damaged or mislabelled (a frame time of 1e300 s made the fit
+non-finite; a q of 1e-300 1/Å gave a meaningless "converged" fit). Damaged HDF5 content
+is an :class:`InputError` naming the file and the key, like any other bad value.
 
 Everything here is cheap metadata work except :class:`C2Reader`, which reads the slices
 of the maps that a dask chunk needs.
@@ -22,6 +31,11 @@ import h5py
 import numpy as np
 
 from xpcsfit.errors import InputError
+from xpcsfit.io.h5values import hdf5_errors, one_line, scalar
+
+Q_RANGE = (1e-6, 10.0)  # 1/Å: from ~mm length scales to beyond wide-angle XPCS
+DT_RANGE = (1e-9, 1e5)  # s per two-time frame: from faster than any XPCS detector to a day
+PHI_LIMIT = 360.0  # deg
 
 _HASH_BLOCK = 8 * 1024 * 1024
 
@@ -102,7 +116,11 @@ def open_h5(path: str | Path) -> h5py.File:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file")
-    if not h5py.is_hdf5(path):
+    try:
+        is_hdf5 = h5py.is_hdf5(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({one_line(exc)})") from exc
+    if not is_hdf5:
         raise InputError(f"{path}: not an HDF5 file")
     try:
         return h5py.File(path, "r")
@@ -125,8 +143,11 @@ def read_info(path: str | Path) -> FileInfo:
     Raises
     ------
     InputError
-        Missing key, wrong shape, bin outside the index mapping, non-finite grid,
-        maps not square or not all of one shape, or neither layout recognised.
+        Missing key, wrong shape or dtype, bin outside the index mapping, two maps in
+        one grid cell, non-finite or repeated grid values, q outside Q_RANGE or
+        |phi| > 360 where a map exists,
+        maps not square, not floating point or not all of one shape, neither layout
+        recognised, or HDF5 content that cannot be read.
     """
     path = Path(path)
     with open_h5(path) as f:
@@ -146,7 +167,8 @@ def detect_layout(f: h5py.File, path: Path) -> str:
     """
     layouts = _layouts()
     apsu, legacy = layouts["aps-u"].MAPS, layouts["legacy"].MAPS
-    present = [name for name, module in layouts.items() if module.MAPS in f]
+    with hdf5_errors(path, "the map groups"):
+        present = [name for name, module in layouts.items() if module.MAPS in f]
     if len(present) > 1:
         raise InputError(f"{path}: holds both {apsu} and {legacy}; layout is ambiguous")
     if not present:
@@ -170,25 +192,35 @@ def read_dt(path: str | Path, layout: str) -> float:
     Returns
     -------
     float
-        dt in seconds, finite and > 0.
+        dt in seconds, within DT_RANGE.
 
     Raises
     ------
     InputError
-        A required timing key is missing, or a value is not finite and positive; the
-        message names the key.
+        A required timing key is missing, not one real number, a frame time not finite
+        and positive, a frame count (stride, avg) not a positive whole number, or their
+        product outside DT_RANGE; the message names the key.
     """
     path = Path(path)
-    keys = _layouts()[layout].DT_KEYS
+    (time_key, _), *counts = _layouts()[layout].DT_KEYS
     with open_h5(path) as f:
-        dt = 1.0
-        for key, required in keys:
-            if key not in f and not required:
+        dt = scalar(f, time_key, path)
+        if not (np.isfinite(dt) and dt > 0):
+            raise InputError(f"{path}: {time_key} = {dt!r} is not a finite positive number")
+        for key, required in counts:
+            with hdf5_errors(path, key):
+                present = key in f
+            if not present and not required:
                 continue
             value = scalar(f, key, path)
-            if not (np.isfinite(value) and value > 0):
-                raise InputError(f"{path}: {key} = {value!r} is not a finite positive number")
+            if not (np.isfinite(value) and value >= 1 and value == round(value)):
+                raise InputError(f"{path}: {key} = {value!r} is not a positive whole number of frames")
             dt *= value
+    if not DT_RANGE[0] <= dt <= DT_RANGE[1]:
+        raise InputError(
+            f"{path}: time step {time_key} x stride x avg = {dt:.6g} s is outside "
+            f"{DT_RANGE[0]:g} .. {DT_RANGE[1]:g} s"
+        )
     return float(dt)
 
 
@@ -309,22 +341,52 @@ def sorted_map_names(f: h5py.File, path: Path, group: str, pattern, what: str) -
     Raises
     ------
     InputError
-        ``group`` is not a group or holds no such map (``what`` names the pattern).
+        ``group`` is not a group or cannot be read, holds no such map (``what`` names
+        the pattern), or two maps have the same number.
     """
-    grp = f[group]
-    if not isinstance(grp, h5py.Group):
-        raise InputError(f"{path}: {group} is not a group")
+    with hdf5_errors(path, group):
+        grp = f[group]
+        if not isinstance(grp, h5py.Group):
+            raise InputError(f"{path}: {group} is not a group")
+        listed = list(grp)
     # numeric sort equals the writers' zero-padded name sort, and stays right past 99999
-    names = sorted((n for n in grp if pattern.match(n)), key=lambda n: int(pattern.match(n)[1]))
+    names = sorted((n for n in listed if pattern.match(n)), key=lambda n: int(pattern.match(n)[1]))
     if not names:
         raise InputError(f"{path}: {group} holds no {what} maps")
+    for a, b in zip(names, names[1:]):
+        # c2_7 and c2_00007 would make the map order, and so the bin of each map, ambiguous
+        if int(pattern.match(a)[1]) == int(pattern.match(b)[1]):
+            raise InputError(f"{path}: maps {group}/{a} and {b} have the same number")
     return names
+
+
+def check_bin_values(path, q_key, phi_key, q_grid, phi_grid, maps) -> None:
+    """q in Q_RANGE and |phi| <= PHI_LIMIT for every bin that has a map.
+
+    Raises
+    ------
+    InputError
+        Naming the key (``q_key``, ``phi_key``) the value comes from and the map.
+    """
+    for (iq, ip), name in sorted(maps.items()):
+        name = name.rsplit("/", 1)[1]
+        if not Q_RANGE[0] <= q_grid[iq] <= Q_RANGE[1]:
+            raise InputError(
+                f"{path}: {q_key} gives q = {q_grid[iq]:.6g} 1/Å for map {name}, outside "
+                f"{Q_RANGE[0]:g} .. {Q_RANGE[1]:g} 1/Å"
+            )
+        if not abs(phi_grid[ip]) <= PHI_LIMIT:
+            raise InputError(
+                f"{path}: {phi_key} gives phi = {phi_grid[ip]:.6g} deg for map {name}, outside "
+                f"-{PHI_LIMIT:g} .. {PHI_LIMIT:g} deg"
+            )
 
 
 def _check_map_shapes(f, path, keys) -> int:
     shape = None
     for key in keys:
-        ds = f[key]
+        with hdf5_errors(path, key):
+            ds = f[key]
         if not isinstance(ds, h5py.Dataset) or ds.ndim != 2 or ds.shape[0] != ds.shape[1]:
             got = ds.shape if isinstance(ds, h5py.Dataset) else "a group"
             raise InputError(f"{path}: {key} is not a square 2-D map (shape {got})")
@@ -332,60 +394,9 @@ def _check_map_shapes(f, path, keys) -> int:
             shape = ds.shape
         elif ds.shape != shape:
             raise InputError(f"{path}: {key} has shape {ds.shape}, other maps {shape}")
-        if not np.issubdtype(ds.dtype, np.floating):
+        if ds.dtype.kind != "f":
             raise InputError(f"{path}: {key} has dtype {ds.dtype}, expected floating point")
     if shape[0] < 3:
         raise InputError(f"{path}: maps are {shape[0]}x{shape[0]}; at least 3 frames are needed")
     return int(shape[0])
 
-
-def require(f, key, path) -> h5py.Dataset:
-    """The dataset ``key`` of ``f``; InputError naming ``path`` and ``key`` if missing or a group."""
-    if key not in f:
-        raise InputError(f"{path}: missing key {key}")
-    obj = f[key]
-    if not isinstance(obj, h5py.Dataset):
-        raise InputError(f"{path}: {key} is a group, expected a dataset")
-    return obj
-
-
-def scalar(f, key, path) -> float:
-    """The one number stored at ``key`` (any shape of size 1); InputError otherwise."""
-    value = np.asarray(require(f, key, path)[()])
-    # legacy files often store scalars as (1, 1) arrays
-    if value.size != 1 or not np.issubdtype(value.dtype, np.number):
-        raise InputError(f"{path}: {key} should be one number, got shape {value.shape} {value.dtype}")
-    return float(value.ravel()[0])
-
-
-def float_vector(f, key, path, allow_row=False) -> np.ndarray:
-    """Non-empty, finite 1-D float64 array at ``key`` (also (1, n) with ``allow_row``)."""
-    value = np.asarray(require(f, key, path)[()])
-    if allow_row and value.ndim == 2 and value.shape[0] == 1:
-        value = value[0]
-    if value.ndim != 1 or value.size == 0 or not np.issubdtype(value.dtype, np.number):
-        raise InputError(f"{path}: {key} should be a non-empty 1-D numeric array, got shape {value.shape}")
-    value = value.astype(np.float64)
-    if not np.all(np.isfinite(value)):
-        raise InputError(f"{path}: {key} holds non-finite values")
-    return value
-
-
-def int_vector(f, key, path) -> np.ndarray:
-    """1-D int64 array at ``key`` (stored as any integer type); InputError otherwise."""
-    value = np.asarray(require(f, key, path)[()])
-    if value.ndim != 1 or not np.issubdtype(value.dtype, np.integer):
-        raise InputError(
-            f"{path}: {key} should be a 1-D integer array, got shape {value.shape} {value.dtype}"
-        )
-    return value.astype(np.int64)
-
-
-def decode(value) -> str:
-    """An HDF5 string value (bytes or str) as str."""
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception's message on one line (for one-line errors)."""
-    return " ".join(str(exc).split())

@@ -22,7 +22,8 @@ import numpy as np
 
 from xpcsfit.errors import InputError
 from xpcsfit.io.h5writer import MapSource, check_maps, write_file, write_maps
-from xpcsfit.io.hdf5 import float_vector, sorted_map_names
+from xpcsfit.io.h5values import float_vector
+from xpcsfit.io.hdf5 import check_bin_values, sorted_map_names
 
 LAYOUT = "legacy"
 MAPS = "/exchange/C2T_all"
@@ -46,8 +47,9 @@ def read_maps(f: h5py.File, path: Path) -> tuple[np.ndarray, np.ndarray, dict[tu
     Raises
     ------
     InputError
-        A key missing or malformed, ``dqlist``/``dphilist`` not one value per map, or
-        two maps with the same q and phi.
+        A key missing or malformed, ``dqlist``/``dphilist`` not one value per map,
+        two maps with the same q and phi, or q or phi of a map outside the plausible
+        ranges (:func:`xpcsfit.io.hdf5.check_bin_values`).
     """
     names = sorted_map_names(f, path, MAPS, _NAME, "g2_NNNNN")
     qs = _round_rel(float_vector(f, Q, path, allow_row=True))
@@ -62,9 +64,10 @@ def read_maps(f: h5py.File, path: Path) -> tuple[np.ndarray, np.ndarray, dict[tu
         if cell in maps:
             raise InputError(
                 f"{path}: maps {maps[cell].rsplit('/', 1)[1]} and {name} both have "
-                f"q={q:.6g}, phi={phi:.6g}"
+                f"q={q:.6g}, phi={phi:.6g} ({Q} / {PHI})"
             )
         maps[cell] = f"{MAPS}/{name}"
+    check_bin_values(path, Q, PHI, q_grid, phi_grid, maps)
     return q_grid, phi_grid, maps
 
 

@@ -141,7 +141,7 @@ def store_attrs(store: Path) -> dict:
         group = zarr.open_group(store, mode="r", zarr_format=3)
     except Exception as exc:  # zarr raises several types for unreadable metadata
         raise InputError(
-            f"{store}: exists but is not a readable Zarr v3 group ({_hdf.one_line(exc)})"
+            f"{store}: exists but is not a readable Zarr v3 group ({one_line(exc)})"
         ) from exc
     attrs = dict(group.attrs)
     if attrs.get("xpcsfit_store") != STORE_VERSION:

@@ -106,7 +106,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     specs = plan_tiles(ds, size)
     n_points = count_points(ds)
     layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
-    check_determinable(ds, n_points, layout)
+    check_determinable(input, ds, n_points, layout)
     what = str(input) if Path(str(input)).name == Path(ds.attrs["source"]).name \
         else f"{input} (ingested from {ds.attrs['source']})"
     _say(progress, f"xpcsfit: {cfg.mode} fit of {what}: {ds.sizes['q']} q × "
@@ -218,10 +218,14 @@ def _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint=None):
     _say(progress, f"xpcsfit: {state.termination} after {state.iteration} iterations, "
                    f"{state.passes} data passes{this_run}")
     ne = state.ne
+    if not (np.isfinite(ne.cost) and np.all(np.isfinite(ne.jtj))):
+        # extreme bounds (e.g. D0 in [1e200, 1e300]) overflow the model; the covariance
+        # of non-finite normal equations would fail with a LinAlgError
+        at = ", ".join(f"{n}={v:.4g}" for n, v in zip(layout.physics, state.x[: layout.p]))
+        raise ConfigError(f"{ds.attrs['source']}: the model is not finite at {at} "
+                          f"(dt = {ds.attrs['dt']:g} s); check the bounds")
     P = layout.size
     dof = ne.n - P
-    if dof <= 0:
-        raise ConfigError(f"{ne.n} points cannot determine {P} parameters; select more frames or fewer bins")
     chi2 = 2.0 * ne.cost
     cov, warn = covariance_from_normal_equations(ne.jtj, chi2, dof)
     warn += correlation_warnings(list(layout.physics), cov)
@@ -255,7 +259,7 @@ def _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint=None):
     return result
 
 
-def check_determinable(ds, n_points: int, layout: ParameterLayout) -> None:
+def check_determinable(source, ds, n_points: int, layout: ParameterLayout) -> None:
     """Refuse a selection that cannot determine the fit's parameters, before any work.
 
     The start values fit g2(τ) = offset + contrast·exp(-kτ) per bin, which needs at
@@ -268,9 +272,10 @@ def check_determinable(ds, n_points: int, layout: ParameterLayout) -> None:
     n_frames = ds.sizes["t1"]
     first, last = map(int, ds.attrs["frames"])
     if n_frames < 4:
-        raise ConfigError(f"frames = ({first}, {last}): {n_frames} frames; a fit needs at least 4")
+        raise ConfigError(f"{source}: frames = ({first}, {last}): {n_frames} frames cannot determine "
+                          "the start values; a fit needs at least 4 frames")
     if n_points <= layout.size:
-        raise ConfigError(f"frames = ({first}, {last}): {n_points} points cannot determine "
+        raise ConfigError(f"{source}: frames = ({first}, {last}): {n_points} points cannot determine "
                           f"{layout.size} parameters; select more frames or fewer bins")
 
 
