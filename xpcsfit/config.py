@@ -23,17 +23,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xpcsfit.errors import ConfigError
-from xpcsfit.parameters import DEFAULT_BOUNDS, MODES
+from xpcsfit.parameters import DEFAULT_BOUNDS, MODES, PER_BIN
+from xpcsfit.solver import TrustRegionOptions
+
+_SOLVER_DEFAULTS = TrustRegionOptions()
 
 
 class SolverOptions(BaseModel):
-    """Tolerances of the trust-region solver (see ``_solver.TrustRegionLM``)."""
+    """The tolerances of the trust-region solver a config may set; defaults from
+    :class:`xpcsfit.solver.TrustRegionOptions` (the one place they are written)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_iterations: int = Field(200, gt=0)
-    ftol: float = Field(1e-8, gt=0, lt=1)
-    xtol: float = Field(1e-10, gt=0, lt=1)
-    gtol: float = Field(1e-8, gt=0, lt=1)
+    max_iterations: int = Field(_SOLVER_DEFAULTS.max_iterations, gt=0)
+    ftol: float = Field(_SOLVER_DEFAULTS.ftol, gt=0, lt=1)
+    xtol: float = Field(_SOLVER_DEFAULTS.xtol, gt=0, lt=1)
+    gtol: float = Field(_SOLVER_DEFAULTS.gtol, gt=0, lt=1)
 
 
 class FitConfig(BaseModel):
@@ -57,7 +61,7 @@ class FitConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_parameters(self):
-        allowed = set(MODES[self.mode]) | {"contrast", "offset"}
+        allowed = set(MODES[self.mode]) | set(PER_BIN)
         for section in ("initial", "bounds"):
             for name in getattr(self, section):
                 if name not in allowed:

@@ -38,7 +38,8 @@ import numpy as np
 import zarr
 
 from xpcsfit.errors import ConfigError
-from xpcsfit.engine.kernel import ParameterLayout, Tile, tile_model
+from xpcsfit.engine.kernel import Tile, tile_model
+from xpcsfit.parameters import ParameterLayout
 
 PARTIAL_MARKER = ".xpcsfit-partial"
 # The record file of a fit's and of a cmc's result directory; it lists what the
