@@ -144,8 +144,10 @@ def residual_function(problem):
     import jax
     import jax.numpy as jnp
 
-    from xpcsfit.model import c2_model  # also enables float64
+    from xpcsfit.model import c2_model, enable_float64
     from xpcsfit.parameters import MODES
+
+    enable_float64()  # the peers fit in float64, as xpcsfit does
 
     mode, L = problem["mode"], problem["L"]
     q, phi, t = problem["q"], problem["phi"], problem["t"]

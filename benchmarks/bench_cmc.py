@@ -19,13 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flow_small.hdf"
+from _shared import SHARED_DATA
+
 TRUTH = {"J": 2.0e4, "gamma_dot": 2.0e-4}  # J = 2 D_SE, steady shear (shared/data/README.md)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(DATA if DATA.exists() else "/work/shared/data/flow_small.hdf"))
+    ap.add_argument("--data", default=str(SHARED_DATA / "flow_small.hdf"))
     ap.add_argument("--shards", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--thin", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=500)

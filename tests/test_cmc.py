@@ -23,7 +23,7 @@ from xpcsfit.cmc.shard import Coordinates, log_likelihood, pair_g1_squared, shar
 from xpcsfit.cmc.noise import noise_model, tile_noise_sums
 from xpcsfit.config import load_config
 from xpcsfit.errors import ConfigError, InputError
-from xpcsfit.engine.kernel import ParameterLayout
+from xpcsfit.parameters import ParameterLayout
 from xpcsfit.model import g1_squared
 from xpcsfit.parameters import MODES
 from xpcsfit.simulate import simulate

@@ -27,7 +27,10 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from xpcsfit.errors import ConfigError
-from xpcsfit.parameters import DEFAULT_BOUNDS, MODES
+from xpcsfit.parameters import DEFAULT_BOUNDS, MODES, PER_BIN
+from xpcsfit.solver import TrustRegionOptions
+
+_SOLVER_DEFAULTS = TrustRegionOptions()
 
 
 def _not_bool(value):
@@ -44,13 +47,14 @@ Count = Annotated[int, BeforeValidator(_not_bool)]
 
 
 class SolverOptions(BaseModel):
-    """Tolerances of the trust-region solver (see :class:`xpcsfit.solver.TrustRegionLM`)."""
+    """The tolerances of the trust-region solver a config may set; defaults from
+    :class:`xpcsfit.solver.TrustRegionOptions` (the one place they are written)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_iterations: Count = Field(200, gt=0)
-    ftol: Number = Field(1e-8, gt=0, lt=1)
-    xtol: Number = Field(1e-10, gt=0, lt=1)
-    gtol: Number = Field(1e-8, gt=0, lt=1)
+    max_iterations: Count = Field(_SOLVER_DEFAULTS.max_iterations, gt=0)
+    ftol: Number = Field(_SOLVER_DEFAULTS.ftol, gt=0, lt=1)
+    xtol: Number = Field(_SOLVER_DEFAULTS.xtol, gt=0, lt=1)
+    gtol: Number = Field(_SOLVER_DEFAULTS.gtol, gt=0, lt=1)
 
 
 class FitConfig(BaseModel):
@@ -67,7 +71,7 @@ class FitConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_parameters(self):
-        allowed = set(MODES[self.mode]) | {"contrast", "offset"}
+        allowed = set(MODES[self.mode]) | set(PER_BIN)
         for section in ("initial", "bounds"):
             for name in getattr(self, section):
                 if name not in allowed:

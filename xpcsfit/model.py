@@ -9,18 +9,35 @@ For one q and azimuthal angles phi_i (He et al., PNAS 2024, Eqs. 9-13):
     J(t)     = D0 * t**alpha + D_offset                          [Å²/s]
     Γ(t1,t2) = ∫_{t1}^{t2} gamma_dot_t0 * t**beta + gamma_dot_t_offset dt
 
-Everything here is float64 and pure; the per-tile sums live in ``engine/kernel.py``.
+Everything here is pure and meant for float64: call :func:`enable_float64` before
+using it (the tile kernels, the evaluators, the worker preload and the public entry
+points ``xpcsfit.fit`` / ``xpcsfit.cmc`` do). Importing this module changes no JAX
+setting. The per-tile sums live in ``engine/kernel.py``.
+
+J(t) and gamma_dot(t) are written here once (:func:`transport_coefficient`,
+:func:`shear_rate`); everything else that needs them calls these.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-# The fits need float64 (cost differences of 1e-10 relative); set it explicitly here,
-# where the model is defined, not as a side effect of some other import.
-jax.config.update("jax_enable_x64", True)
 
-import jax.numpy as jnp  # noqa: E402
+def enable_float64() -> None:
+    """Switch JAX to float64 (``jax_enable_x64``) in this process, for good.
+
+    The fits need float64: the solver decides on cost differences of 1e-10 relative,
+    which float32 sums cannot resolve. JAX's default is float32, and the flag is
+    process-wide, so xpcsfit sets it explicitly where its JAX code runs (the tile
+    kernel entry points, the in-process evaluator, the Dask worker preload, and
+    ``xpcsfit.fit`` / ``xpcsfit.cmc``), not as a side effect of an import. Arrays made
+    before the call keep their dtype; jitted functions compile anew for float64
+    inputs. Cheap when already set, so callers need not track whether it was.
+    """
+    if not jax.config.jax_enable_x64:
+        jax.config.update("jax_enable_x64", True)
+
 
 _SERIES_BELOW = 1e-4
 
@@ -138,12 +155,20 @@ def c2_model(theta, contrast, offset, mode, q, L, phi, t1, t2):
 
 
 def transport_coefficient(theta, t):
-    """J(t) = D0 t**alpha + D_offset in Å²/s, for t (s) > 0."""
+    """J(t) = D0 t**alpha + D_offset in Å²/s, for t (s) > 0.
+
+    theta: the physics vector in MODES order (either mode); t: an array (NumPy or JAX).
+    Plain arithmetic, so it works on NumPy arrays without JAX and under ``jax.grad``.
+    """
     return theta[0] * t ** theta[1] + theta[2]
 
 
 def shear_rate(theta, t):
-    """gamma_dot(t) = gamma_dot_t0 t**beta + gamma_dot_t_offset in 1/s (laminar_flow)."""
+    """gamma_dot(t) = gamma_dot_t0 t**beta + gamma_dot_t_offset in 1/s (laminar_flow).
+
+    theta: the laminar_flow physics vector (MODES order); t: an array, as for
+    :func:`transport_coefficient`.
+    """
     return theta[3] * t ** theta[4] + theta[5]
 
 

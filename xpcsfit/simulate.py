@@ -20,7 +20,7 @@ from xpcsfit import __version__
 from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.errors import ConfigError
-from xpcsfit.model import c2_model
+from xpcsfit.model import c2_model, enable_float64
 from xpcsfit.parameters import DEFAULT_GAP, MODES
 
 TRUTH = {
@@ -118,6 +118,7 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
     ConfigError
         Unknown mode or parameter, or a non-positive size, dt, gap or noise < 0.
     """
+    enable_float64()
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     values = dict(TRUTH)

@@ -37,9 +37,9 @@ from xpcsfit.cmc.results import CMCResult, finish
 from xpcsfit.config import load_config
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.errors import ConfigError, InputError
-from xpcsfit.engine.kernel import ParameterLayout
 from xpcsfit.io.atomic import claim_result_directory
-from xpcsfit.parameters import DEFAULT_GAP, MODES
+from xpcsfit.model import enable_float64
+from xpcsfit.parameters import DEFAULT_GAP, MODES, ParameterLayout
 from xpcsfit.engine.tiles import plan_tiles
 
 TARGET_POINTS_PER_SHARD = 40_000  # lattice points; ~2-3 ms per gradient on one core
@@ -154,6 +154,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     >>> r.J_draws([5.0, 10.0]).std(axis=0)                                   # doctest: +SKIP
     """
     started = time.perf_counter()
+    enable_float64()
     _check_options(shards, warmup, samples, chains, thin, combine, seed, target_accept)
     fitted = _load_fit(from_fit) if from_fit is not None else None
     if fitted is not None:
@@ -180,7 +181,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     if L is None:
         L = DEFAULT_GAP
         if cfg.mode == "laminar_flow":
-            from xpcsfit.leastsq.driver import GapWarning
+            from xpcsfit.parameters import GapWarning
 
             warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å (the result files "
                           "do not record it)", GapWarning, stacklevel=2)

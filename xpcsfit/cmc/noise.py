@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from xpcsfit.engine.kernel import ParameterLayout, tile_model
+from xpcsfit.engine.kernel import tile_model
+from xpcsfit.parameters import ParameterLayout
 
 MAX_LAG = 64  # frames
 

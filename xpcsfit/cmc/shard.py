@@ -51,8 +51,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xpcsfit import model as _model  # noqa: F401  (jax_enable_x64 before any array is made)
-
 PRIOR_SD = 1.0  # sd of u (amplitude position, logit scale) and of the exponent/phi0 logits
 
 

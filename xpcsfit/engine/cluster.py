@@ -44,7 +44,8 @@ def dask_setup(worker) -> None:
     backend started earlier in the process keeps its pool; this then changes nothing.)
 
     It also keeps the worker from logging a task's xpcsfit error (a bad value in the
-    input), which the driver reports as one line (:func:`_drop_user_error_reports`).
+    input), which the driver reports as one line (:func:`_drop_user_error_reports`),
+    and switches JAX to float64 (:func:`xpcsfit.enable_float64`) before any task runs.
     """
     logging.getLogger("distributed.worker").addFilter(_drop_user_error_reports)
     cpus = sorted(os.sched_getaffinity(0))
@@ -55,6 +56,9 @@ def dask_setup(worker) -> None:
     try:
         import jax
 
+        from xpcsfit.model import enable_float64
+
+        enable_float64()
         jax.devices("cpu")
     finally:
         os.sched_setaffinity(0, set(cpus))

@@ -1,16 +1,20 @@
 """Evaluators: the seam between the solver and the data (DESIGN.md §5).
 
-Both evaluators present ``normal_equations(x)`` and ``costs(xs)`` to the solver and
-count their data passes; neither knows anything of trust regions.
+Both evaluators present ``normal_equations(x)`` and ``costs(xs)`` to the solver
+(:class:`~xpcsfit.engine.sums.Evaluator`) and count their data passes; neither knows
+anything of trust regions. What a pass computes is written once, in
+:class:`TileEvaluator`; the two differ only in where the per-tile kernel runs (the
+``_map`` / ``_map_reduce`` seam):
 
 - :class:`InProcessEvaluator` holds the tiles in this process (tests, small data).
-- :class:`DaskEvaluator` groups the tiles into parts, loads each part onto a
-  dask.distributed worker once (or streams it from its source every pass), and per pass
-  sends only x (inside each part's task) and gets back one set of sums per part.
+- :class:`DaskEvaluator` groups the tiles into *parts*, loads each part onto a
+  dask.distributed worker once (``hold``) or reads it from its source every pass
+  (``stream``), and per pass sends only x (inside each part's task) and gets back one
+  set of sums per part.
 
 Sums are added over a fixed tree (groups of :data:`FAN_IN` tiles, then groups of FAN_IN
 of those, …). A part is an aligned subtree of it, so the result is bit for bit the same
-whatever the number of parts or workers, and in process.
+whatever the number of parts or workers.
 """
 
 from __future__ import annotations
@@ -22,16 +26,22 @@ from operator import add
 
 import numpy as np
 
-from xpcsfit.engine.kernel import BlockSums, ParameterLayout, Tile, tile_block_sums, tile_costs, tile_lag_sums
-from xpcsfit.solver import NormalEquations
+from xpcsfit.engine.kernel import (
+    Tile,
+    TilePlace,
+    add_lag_sums,
+    compiled_variants,
+    tile_block_sums,
+    tile_costs,
+    tile_lag_sums,
+)
+from xpcsfit.engine.sums import BlockSums, NormalEquations
 from xpcsfit.engine.tiles import TileSpec
+from xpcsfit.model import enable_float64
+from xpcsfit.parameters import ParameterLayout
 
 FAN_IN = 2
-
-
-def _to_normal_equations(sums: BlockSums) -> NormalEquations:
-    jtj, jtr = sums.dense()
-    return NormalEquations(jtj=jtj, jtr=jtr, cost=float(sums.cost), n=int(sums.n))
+PARTS_PER_WORKER = 2
 
 
 def tree_sum(values: list):
@@ -42,99 +52,123 @@ def tree_sum(values: list):
     return level[0]
 
 
-def merge_lag_sums(parts, n_bins: int, n_phi: int, n_lags: int, bin_starts):
-    """Add per-tile lag sums (see :func:`~xpcsfit.engine.kernel.tile_lag_sums`) into
-    (n_bins, n_lags) sums and counts."""
-    sums = np.zeros((n_bins, n_lags))
-    counts = np.zeros((n_bins, n_lags))
-    for (lag0, s, c), b0 in zip(parts, bin_starts):
-        n = c.size
-        sums[b0 : b0 + n_phi, lag0 : lag0 + n] += s
-        counts[b0 : b0 + n_phi, lag0 : lag0 + n] += c
-    return sums, counts
+class TileEvaluator:
+    """One pass over the tiles, written once: block sums, normal equations, costs, lag sums.
+
+    Subclasses say where ``func(tile, *args)`` runs: :meth:`_map` returns its results in
+    tile order, :meth:`_map_reduce` their :func:`tree_sum`.
+
+    Parameters
+    ----------
+    places : list of TilePlace
+        The tiles (or their specs), in the fixed order of the reduction tree.
+    layout : ParameterLayout
+    mode : {"static", "laminar_flow"}
+    L : float
+        Gap, Å.
+
+    Attributes
+    ----------
+    normal_passes, cost_passes, other_passes : int
+        Passes made: by the solver (normal equations, costs) and outside it
+        (:meth:`map_tiles`: start values, fitted output).
+    last_block_sums : (x, BlockSums) or None
+        The sums of the latest normal-equations pass and the x they are at.
+    """
+
+    def __init__(self, places: list[TilePlace], layout: ParameterLayout, mode: str, L: float):
+        self.layout, self.mode, self.L = layout, mode, float(L)
+        self.n_tiles = len(places)
+        self.bin_starts = [p.bin_start for p in places]
+        self.normal_passes = 0
+        self.cost_passes = 0
+        self.other_passes = 0
+        self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
+
+    def _map(self, name: str, func, *args) -> list:
+        raise NotImplementedError
+
+    def _map_reduce(self, name: str, func, x: np.ndarray):
+        raise NotImplementedError
+
+    def block_sums(self, x) -> BlockSums:
+        """Block sums at x (P,), also kept with x as ``last_block_sums``."""
+        self.normal_passes += 1
+        x = np.asarray(x, float)
+        sums = self._map_reduce("normal-equations", tile_block_sums, x)
+        self.last_block_sums = (np.array(x, float), sums)
+        return sums
+
+    def normal_equations(self, x) -> NormalEquations:
+        """JᵀJ, Jᵀr, cost and n at x (P,): one pass."""
+        return self.block_sums(x).normal_equations()
+
+    def costs(self, xs) -> np.ndarray:
+        """Cost ½ Σ r² at each row of xs (m, P): one pass; returns (m,)."""
+        self.cost_passes += 1
+        return self._map_reduce("costs", tile_costs, np.atleast_2d(np.asarray(xs, float)))
+
+    def map_tiles(self, func, *args) -> list:
+        """``func(tile, *args)`` for every tile, in tile order; counted in ``other_passes``."""
+        self.other_passes += 1
+        return self._map(func.__name__, func, *args)
+
+    def lag_sums(self, n_lags: int) -> tuple[np.ndarray, np.ndarray]:
+        """Σ c2 and point counts per bin and lag, (n_bins, n_lags) each (start values)."""
+        per_tile = self.map_tiles(tile_lag_sums)
+        return add_lag_sums(per_tile, self.bin_starts, self.layout.n_bins, self.layout.n_phi, n_lags)
 
 
-class InProcessEvaluator:
+class InProcessEvaluator(TileEvaluator):
     """Evaluate the tiles in this process, one after another.
 
     Parameters
     ----------
     tiles : list of Tile
-    layout : ParameterLayout
-    mode : {"static", "laminar_flow"}
-    L : float
-        Gap, Å.
+    layout, mode, L
+        As for :class:`TileEvaluator`.
     """
 
     def __init__(self, tiles: list[Tile], layout: ParameterLayout, mode: str, L: float):
+        enable_float64()
+        super().__init__(tiles, layout, mode, L)
         self.tiles = list(tiles)
-        self.layout, self.mode, self.L = layout, mode, float(L)
-        self.normal_passes = 0
-        self.cost_passes = 0
-        self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
 
-    def block_sums(self, x) -> BlockSums:
-        """Block sums at x, also kept with x as ``last_block_sums``."""
-        self.normal_passes += 1
-        sums = tree_sum([tile_block_sums(t, x, self.layout, self.mode, self.L) for t in self.tiles])
-        self.last_block_sums = (np.array(x, float), sums)
-        return sums
-
-    def normal_equations(self, x) -> NormalEquations:
-        return _to_normal_equations(self.block_sums(x))
-
-    def costs(self, xs) -> np.ndarray:
-        self.cost_passes += 1
-        return tree_sum([tile_costs(t, xs, self.layout, self.mode, self.L) for t in self.tiles])
-
-    def lag_sums(self, n_lags: int):
-        parts = [tile_lag_sums(t) for t in self.tiles]
-        return merge_lag_sums(parts, self.layout.n_bins, self.layout.n_phi, n_lags,
-                              [t.bin_start for t in self.tiles])
-
-    def map_tiles(self, func, *args):
-        """Apply ``func(tile, *args)`` to every tile; returns the list of results."""
+    def _map(self, name, func, *args) -> list:
         return [func(t, *args) for t in self.tiles]
+
+    def _map_reduce(self, name, func, x):
+        return tree_sum(self._map(name, func, x, self.layout, self.mode, self.L))
 
     def close(self):
         self.tiles = []
 
 
-def kernel_compilations() -> int:
-    """Compiled variants of the tile kernels in this process (one per shape and mode)."""
-    from xpcsfit.engine.kernel import _tile_block_sums, _tile_costs, _tile_model
-
-    return sum(f._cache_size() for f in (_tile_block_sums, _tile_costs, _tile_model))
-
-
 def _load_part(specs: list[TileSpec]) -> list[Tile]:
-    """Worker task: load the tiles of one part (held storage)."""
+    """Worker task: load the tiles of one part (memory ``hold``)."""
     return [s.load() for s in specs]
 
 
 def _keep_part(specs: list[TileSpec]) -> list[TileSpec]:
-    """Worker task: keep the specs of one part (streamed storage).
+    """Worker task: keep the specs of one part (memory ``stream``).
 
     A task rather than a scatter, so that Dask can recompute it if its worker dies.
     """
     return specs
 
 
-def _part_sum(func, part: list, *args):
-    """Worker task: ``func(tile, *args)`` over one part's tiles, tree-summed.
+def _part_map(func, part: list, *args) -> list:
+    """Worker task: ``[func(tile, *args) for tile in part]``.
 
     A streamed part (specs) loads one tile at a time, so a worker holds one tile plus
-    the small per-tile sums whatever the part's size.
+    the small per-tile results whatever the part's size.
     """
-    return tree_sum([func(t.load() if isinstance(t, TileSpec) else t, *args) for t in part])
-
-
-def _part_map(func, part: list, *args) -> list:
-    """Worker task: ``[func(tile, *args) for tile in part]`` (loading streamed tiles)."""
     return [func(t.load() if isinstance(t, TileSpec) else t, *args) for t in part]
 
 
-PARTS_PER_WORKER = 2
+def _part_sum(func, part: list, *args):
+    """Worker task: ``func(tile, *args)`` over one part's tiles, tree-summed."""
+    return tree_sum(_part_map(func, part, *args))
 
 
 def part_size(n_tiles: int, n_workers: int) -> int:
@@ -152,7 +186,7 @@ def part_size(n_tiles: int, n_workers: int) -> int:
     return size
 
 
-class DaskEvaluator:
+class DaskEvaluator(TileEvaluator):
     """Evaluate tiles on dask.distributed workers, held in memory or streamed.
 
     Parameters
@@ -162,13 +196,14 @@ class DaskEvaluator:
     specs : list of TileSpec
         The tiles, in a fixed order (see :func:`xpcsfit.engine.tiles.plan_tiles`).
     layout, mode, L
-        As for :class:`InProcessEvaluator`.
+        As for :class:`TileEvaluator`.
     storage : {"auto", "hold", "stream"}
-        "hold": load every tile once and keep it on a worker. "stream": keep only the
-        small specs on the workers and read each tile from its source in every pass, so
-        a worker's memory is bounded by a few tiles whatever the data size. "auto":
-        hold when the padded tiles take at most :data:`HOLD_FRACTION` of the workers'
-        summed memory limit, else stream.
+        The config's ``memory``. "hold": load every tile once and keep it on a worker.
+        "stream": keep only the small specs on the workers and read each tile from its
+        source in every pass, so a worker's memory is bounded by a few tiles whatever
+        the data size. "auto": hold when the padded tiles take at most
+        :data:`HOLD_FRACTION` of the workers' summed memory limit, else stream. The
+        attribute ``storage`` is the choice made ("hold" or "stream").
 
     Notes
     -----
@@ -190,30 +225,25 @@ class DaskEvaluator:
                  storage: str = "auto"):
         from distributed import wait
 
+        super().__init__(specs, layout, mode, L)
         self.client = client
-        self.layout, self.mode, self.L = layout, mode, float(L)
-        self.normal_passes = 0
-        self.cost_passes = 0
-        self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
-        self.other_passes = 0
         self.pass_seconds: list[float] = []
         self.bytes_to_workers = 0
         self.bytes_from_workers = 0
         self._token = uuid.uuid4().hex[:8]
-        self.n_tiles = len(specs)
         self.tile_bytes = sum(s.nbytes for s in specs)
         self.storage = self._choose_storage(storage)
-        self.bin_starts = [s.bin_start for s in specs]
         workers = sorted(client.scheduler_info()["workers"])
         self.n_workers = max(1, len(workers))  # at the start
         size = part_size(len(specs), len(workers))
         groups = [list(specs[i : i + size]) for i in range(0, len(specs), size)]
         self.parts = []
-        place = _load_part if self.storage == "held" else _keep_part
+        place = _load_part if self.storage == "hold" else _keep_part
         for i, group in enumerate(groups):
             where = dict(workers=[workers[i % len(workers)]], allow_other_workers=True) if workers else {}
             self.parts.append(client.submit(place, group, key=f"xpcsfit-part-{self._token}-{i}", **where))
-        wait(self.parts)
+        with client.as_current():  # wait() uses the current client, which may be another
+            wait(self.parts)
         for f in self.parts:
             if f.status == "error":
                 f.result()  # re-raises the load's exception here
@@ -223,28 +253,24 @@ class DaskEvaluator:
         self._compiled_when_warm: dict | None = None
 
     def _choose_storage(self, storage: str) -> str:
-        if storage == "hold":
-            return "held"
-        if storage == "stream":
-            return "streamed"
+        if storage in ("hold", "stream"):
+            return storage
         limits = [w.get("memory_limit") or 0 for w in self.client.scheduler_info()["workers"].values()]
         if not limits or min(limits) == 0:
-            return "held"  # no memory limit set on the workers
-        return "held" if self.tile_bytes <= self.HOLD_FRACTION * sum(limits) else "streamed"
+            return "hold"  # no memory limit set on the workers
+        return "hold" if self.tile_bytes <= self.HOLD_FRACTION * sum(limits) else "stream"
 
-
-    def _pass(self, name: str, func, x):
+    def _map_reduce(self, name, func, x):
         started = time.perf_counter()
         pass_id = self.normal_passes + self.cost_passes
-        x = np.asarray(x, float)  # small (P or 4 × P numbers): sent inside each part's task
-        self.bytes_to_workers += x.nbytes * len(self.parts)
+        self.bytes_to_workers += x.nbytes * len(self.parts)  # x (P or 4 × P numbers) goes in each task
         futures = [
             self.client.submit(_part_sum, func, part, x, self.layout, self.mode, self.L,
                                key=f"xpcsfit-{name}-{self._token}-{pass_id}-part-{i}")
             for i, part in enumerate(self.parts)
         ]
         sums = self.client.gather(futures)
-        self.bytes_from_workers += sum(_nbytes(s) for s in sums)
+        self.bytes_from_workers += sum(getattr(s, "nbytes", 8) for s in sums)
         result = tree_sum(sums)
         del futures
         self.pass_seconds.append(time.perf_counter() - started)
@@ -252,38 +278,15 @@ class DaskEvaluator:
             self._compiled_when_warm = self.compilations()  # every kernel has run once
         return result
 
-    def block_sums(self, x) -> BlockSums:
-        """Block sums at x, also kept with x as ``last_block_sums``."""
-        self.normal_passes += 1
-        sums = self._pass("normal-equations", tile_block_sums, x)
-        self.last_block_sums = (np.array(x, float), sums)
-        return sums
-
-    def normal_equations(self, x) -> NormalEquations:
-        return _to_normal_equations(self.block_sums(x))
-
-    def costs(self, xs) -> np.ndarray:
-        self.cost_passes += 1
-        return self._pass("costs", tile_costs, np.atleast_2d(xs))
-
-    def lag_sums(self, n_lags: int):
-        parts = self.map_tiles(tile_lag_sums)
-        return merge_lag_sums(parts, self.layout.n_bins, self.layout.n_phi, n_lags, self.bin_starts)
-
-    def map_tiles(self, func, *args):
-        """Run ``func(tile, *args)`` on the workers for every tile; results in tile order.
-
-        Counted as a data pass outside the solver (start values, fitted output).
-        """
-        self.other_passes += 1
+    def _map(self, name, func, *args) -> list:
         futures = [self.client.submit(_part_map, func, part, *args,
-                                      key=f"xpcsfit-{func.__name__}-{self._token}-{self.other_passes}-{i}")
+                                      key=f"xpcsfit-{name}-{self._token}-{self.other_passes}-{i}")
                    for i, part in enumerate(self.parts)]
         return [r for results in self.client.gather(futures) for r in results]
 
     def compilations(self) -> dict:
         """Compiled kernel variants per worker address (cumulative over the process)."""
-        return self.client.run(kernel_compilations)
+        return self.client.run(compiled_variants)
 
     @staticmethod
     def _added(now: dict, before: dict) -> dict:
@@ -312,11 +315,3 @@ class DaskEvaluator:
     def close(self):
         self.client.cancel(self.parts)
         self.parts = []
-
-def _nbytes(value) -> int:
-    if isinstance(value, np.ndarray):
-        return value.nbytes
-    if isinstance(value, BlockSums):
-        return sum(np.asarray(v).nbytes for v in (value.A, value.B, value.C, value.g_theta, value.g_bin,
-                                                   value.rss)) + 8
-    return 8

@@ -22,7 +22,11 @@ both, a laminar_flow pass costs about 30 ns per (angle, point) on one CPU core, 
 less than with the full Jacobian formed per angle.
 
 One compiled function per tile shape and mode: tiles are padded to a common shape and
-the padding is masked by a zero weight.
+the padding is masked by a zero weight (:func:`compiled_variants` counts them).
+
+The kernels run in float64 (cost differences of 1e-10 relative decide steps): every
+entry point here calls :func:`xpcsfit.model.enable_float64` first, so they do in any
+process, whatever ran before.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xpcsfit import model as _model  # noqa: F401  (sets jax_enable_x64 before any array is made)
-from xpcsfit.model import g1_squared, g1_squared_factored
+from xpcsfit.engine.sums import BlockSums
+from xpcsfit.model import c2_model, enable_float64, g1_squared_factored
+from xpcsfit.parameters import ParameterLayout
 
 # Cost passes evaluate this many parameter vectors at once (padded with copies), so
 # that a batch of trial steps never triggers a new compilation.
@@ -43,17 +48,12 @@ COST_BATCH = 4
 
 
 @dataclass(frozen=True)
-class Tile:
-    """All phi angles of one q over one (t1, t2) time tile, padded to ``size``.
+class TilePlace:
+    """Where a tile sits: the fields a :class:`Tile` and its recipe
+    (:class:`~xpcsfit.engine.tiles.TileSpec`) share.
 
     Attributes
     ----------
-    c2 : ndarray (n_phi, size, size), float32
-        Measured c2; padding and points not fitted hold 0.
-    weight : ndarray (size, size), float64
-        1 for fitted points (t2 > t1, inside the selection), 0 elsewhere.
-    t1, t2 : ndarray (size,), float64
-        Times (s) of the rows and columns; padding repeats the last time.
     q : float
         1/Å.
     phi : ndarray (n_phi,)
@@ -65,19 +65,37 @@ class Tile:
         (q position, row tile, column tile) in the fit's tile grid.
     start : tuple of int
         (row, column) of the tile's first element in the dataset's (t1, t2) indices.
+    """
+
+    q: float
+    phi: np.ndarray
+    bin_start: int
+    index: tuple[int, int, int]
+    start: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Tile(TilePlace):
+    """All phi angles of one q over one (t1, t2) time tile, padded to ``size``.
+
+    Attributes
+    ----------
+    c2 : ndarray (n_phi, size, size), float32
+        Measured c2; padding and points not fitted hold 0.
+    weight : ndarray (size, size), float64
+        1 for fitted points (t2 > t1, inside the selection), 0 elsewhere.
+    t1, t2 : ndarray (size,), float64
+        Times (s) of the rows and columns; padding repeats the last time.
     extent : tuple of int
         (rows, columns) that are data, not padding.
+    q, phi, bin_start, index, start
+        See :class:`TilePlace`.
     """
 
     c2: np.ndarray
     weight: np.ndarray
     t1: np.ndarray
     t2: np.ndarray
-    q: float
-    phi: np.ndarray
-    bin_start: int
-    index: tuple[int, int, int]
-    start: tuple[int, int]
     extent: tuple[int, int]
 
     @property
@@ -87,117 +105,6 @@ class Tile:
     @property
     def nbytes(self) -> int:
         return self.c2.nbytes + self.weight.nbytes
-
-
-@dataclass
-class BlockSums:
-    """Reduced block-arrow normal equations of a set of tiles.
-
-    Attributes
-    ----------
-    A : (p, p)        B : (n_bins, p, 2)      C : (n_bins, 2, 2)
-    g_theta : (p,)    g_bin : (n_bins, 2)
-    rss : (n_bins,)   Σ r² per bin (C[:, 1, 1] is the bin's number of points)
-    n : int           number of points
-    """
-
-    A: np.ndarray
-    B: np.ndarray
-    C: np.ndarray
-    g_theta: np.ndarray
-    g_bin: np.ndarray
-    rss: np.ndarray
-    n: int
-
-    @property
-    def cost(self) -> float:
-        """½ Σ r² over all bins."""
-        return 0.5 * float(self.rss.sum())
-
-    def residual_rms(self) -> np.ndarray:
-        """Root mean square residual per bin, (n_bins,); NaN for a bin without points."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.sqrt(self.rss / self.C[:, 1, 1])
-
-    def __add__(self, other: "BlockSums") -> "BlockSums":
-        return BlockSums(
-            self.A + other.A,
-            self.B + other.B,
-            self.C + other.C,
-            self.g_theta + other.g_theta,
-            self.g_bin + other.g_bin,
-            self.rss + other.rss,
-            self.n + other.n,
-        )
-
-    def dense(self) -> tuple[np.ndarray, np.ndarray]:
-        """Assemble JᵀJ (P, P) and Jᵀr (P,) over x = [θ, contrast_0.., offset_0..].
-
-        P = p + 2·n_bins. The layout matches :class:`ParameterLayout`.
-        """
-        p = self.A.shape[0]
-        nb = self.C.shape[0]
-        P = p + 2 * nb
-        jtj = np.zeros((P, P))
-        jtj[:p, :p] = self.A
-        ic = p + np.arange(nb)
-        io = p + nb + np.arange(nb)
-        jtj[:p, ic] = self.B[:, :, 0].T
-        jtj[:p, io] = self.B[:, :, 1].T
-        jtj[ic, :p] = self.B[:, :, 0]
-        jtj[io, :p] = self.B[:, :, 1]
-        jtj[ic, ic] = self.C[:, 0, 0]
-        jtj[ic, io] = self.C[:, 0, 1]
-        jtj[io, ic] = self.C[:, 1, 0]
-        jtj[io, io] = self.C[:, 1, 1]
-        jtr = np.concatenate([self.g_theta, self.g_bin[:, 0], self.g_bin[:, 1]])
-        return jtj, jtr
-
-
-@dataclass(frozen=True)
-class ParameterLayout:
-    """Where each parameter sits in the solver's vector x.
-
-    x = [θ (p physics parameters), contrast of every bin, offset of every bin], bins
-    ordered (q, phi) row-major: bin = q_position·n_phi + phi_position.
-    """
-
-    physics: tuple[str, ...]
-    n_q: int
-    n_phi: int
-
-    @property
-    def p(self) -> int:
-        return len(self.physics)
-
-    @property
-    def n_bins(self) -> int:
-        return self.n_q * self.n_phi
-
-    @property
-    def size(self) -> int:
-        return self.p + 2 * self.n_bins
-
-    def split(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(θ (p,), contrast (n_bins,), offset (n_bins,)) views of x (..., P)."""
-        p, nb = self.p, self.n_bins
-        return x[..., :p], x[..., p : p + nb], x[..., p + nb :]
-
-    def join(self, theta, contrast, offset) -> np.ndarray:
-        return np.concatenate([np.asarray(theta, float), np.ravel(contrast), np.ravel(offset)])
-
-    def names(self) -> list[str]:
-        return (
-            list(self.physics)
-            + [f"contrast[{b}]" for b in range(self.n_bins)]
-            + [f"offset[{b}]" for b in range(self.n_bins)]
-        )
-
-
-def _residual_parts(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
-    G = g1_squared(theta, mode, q, L, phi, t1, t2)
-    r = (offset[:, None, None] + contrast[:, None, None] * G - c2) * weight
-    return G, r
 
 
 # Tiles are reduced in blocks of whole rows of about this many (t1, t2) pairs, so that
@@ -293,7 +200,7 @@ def _tile_costs(thetas, contrasts, offsets, q, L, phi, t1, t2, c2, weight, mode)
         c2_ = c2_.astype(jnp.float64)
 
         def one(theta, contrast, offset):
-            _, r = _residual_parts(theta, contrast, offset, q, L, phi, t1_, t2, c2_, w_, mode)
+            r = (c2_model(theta, contrast, offset, mode, q, L, phi, t1_, t2) - c2_) * w_
             return 0.5 * jnp.sum(r * r)
 
         return jax.vmap(one)(thetas, contrasts, offsets)
@@ -303,12 +210,12 @@ def _tile_costs(thetas, contrasts, offsets, q, L, phi, t1, t2, c2, weight, mode)
 
 @partial(jax.jit, static_argnames=("mode",))
 def _tile_model(theta, contrast, offset, q, L, phi, t1, t2, mode):
-    G = g1_squared(theta, mode, q, L, phi, t1, t2)
-    return offset[:, None, None] + contrast[:, None, None] * G
+    return c2_model(theta, contrast, offset, mode, q, L, phi, t1, t2)
 
 
-def _tile_args(tile: Tile):
-    return (tile.q, tile.phi, tile.t1, tile.t2)
+def _bins(tile: Tile) -> slice:
+    """The tile's bins in the global bin arrays."""
+    return slice(tile.bin_start, tile.bin_start + tile.c2.shape[0])
 
 
 def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> BlockSums:
@@ -328,9 +235,9 @@ def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: st
     -------
     BlockSums with B, C, g_bin of shape (n_bins, …), zero outside this tile's bins.
     """
+    enable_float64()
     theta, contrast, offset = layout.split(np.asarray(x, float))
-    n_phi = tile.c2.shape[0]
-    sl = slice(tile.bin_start, tile.bin_start + n_phi)
+    sl = _bins(tile)
     A, B, C, g_theta, g_bin, rss = _tile_block_sums(
         theta, contrast[sl], offset[sl], tile.q, L, tile.phi, tile.t1, tile.t2,
         tile.c2, tile.weight, mode=mode,
@@ -350,13 +257,13 @@ def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: st
 
 def tile_costs(tile: Tile, xs: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> np.ndarray:
     """½ Σ r² of one tile for each row of xs (m, P); returns (m,)."""
+    enable_float64()
     xs = np.atleast_2d(np.asarray(xs, float))
     m = xs.shape[0]
     n_batches = -(-m // COST_BATCH)
     padded = np.concatenate([xs, np.repeat(xs[-1:], n_batches * COST_BATCH - m, axis=0)])
     theta, contrast, offset = layout.split(padded)
-    n_phi = tile.c2.shape[0]
-    sl = slice(tile.bin_start, tile.bin_start + n_phi)
+    sl = _bins(tile)
     out = []
     for b in range(n_batches):
         rows = slice(b * COST_BATCH, (b + 1) * COST_BATCH)
@@ -369,11 +276,19 @@ def tile_costs(tile: Tile, xs: np.ndarray, layout: ParameterLayout, mode: str, L
 
 def tile_model(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> np.ndarray:
     """Model c2 on the tile grid, (n_phi, size, size) float64 (padding included)."""
+    enable_float64()
     theta, contrast, offset = layout.split(np.asarray(x, float))
-    n_phi = tile.c2.shape[0]
-    sl = slice(tile.bin_start, tile.bin_start + n_phi)
+    sl = _bins(tile)
     return np.asarray(_tile_model(theta, contrast[sl], offset[sl], tile.q, L, tile.phi,
                                   tile.t1, tile.t2, mode=mode))
+
+
+def compiled_variants() -> int:
+    """Compiled variants of the tile kernels in this process, cumulative: one per kernel
+    (block sums, costs, model), tile shape and mode."""
+    # jax.jit has no public count of its compiled variants; this is the one place that
+    # relies on the (long-standing) private _cache_size().
+    return sum(f._cache_size() for f in (_tile_block_sums, _tile_costs, _tile_model))
 
 
 def tile_lag_sums(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
@@ -399,3 +314,26 @@ def tile_lag_sums(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
     sums = np.stack([np.bincount(idx, weights=c[mask].astype(float), minlength=n_lags)
                      for c in tile.c2])
     return lag0, sums, counts
+
+
+def add_lag_sums(tile_sums, bin_starts, n_bins: int, n_phi: int, n_lags: int) -> tuple[np.ndarray, np.ndarray]:
+    """Add per-tile lag sums (:func:`tile_lag_sums`, one per tile) into per-bin arrays.
+
+    Parameters
+    ----------
+    tile_sums : list of (lag0, sums (n_phi, n), counts (n,))
+    bin_starts : list of int
+        Each tile's first bin, in the same order.
+    n_bins, n_phi, n_lags : int
+
+    Returns
+    -------
+    sums, counts : ndarray (n_bins, n_lags)
+    """
+    sums = np.zeros((n_bins, n_lags))
+    counts = np.zeros((n_bins, n_lags))
+    for (lag0, s, c), b0 in zip(tile_sums, bin_starts):
+        n = c.size
+        sums[b0 : b0 + n_phi, lag0 : lag0 + n] += s
+        counts[b0 : b0 + n_phi, lag0 : lag0 + n] += c
+    return sums, counts

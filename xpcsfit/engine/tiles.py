@@ -20,12 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from xpcsfit.engine.kernel import Tile
+from xpcsfit.engine.kernel import Tile, TilePlace
 from xpcsfit.io.finite import require_finite
 
 
 @dataclass(frozen=True)
-class TileSpec:
+class TileSpec(TilePlace):
     """How to load one tile.
 
     Attributes
@@ -34,23 +34,17 @@ class TileSpec:
         Lazy slice of c2 (NaN below the diagonal).
     t1, t2 : ndarray (n1,), (n2,)
         Times of its rows and columns, s.
-    q : float
-    phi : ndarray (n_phi,)
-    bin_start : int
-    index : (q position, row tile, column tile)
-    start : (row, column) of its first element in the dataset's (t1, t2) indices
     size : int
+        Tile edge (frames) it is padded to.
     source : str
+        The input, for error messages.
+    q, phi, bin_start, index, start
+        See :class:`~xpcsfit.engine.kernel.TilePlace`.
     """
 
     block: object
     t1: np.ndarray
     t2: np.ndarray
-    q: float
-    phi: np.ndarray
-    bin_start: int
-    index: tuple[int, int, int]
-    start: tuple[int, int]
     size: int
     source: str
 

@@ -25,12 +25,15 @@ used; the caller prints why in one line and the fit starts over (overwriting it)
 
 File layout (JSON)::
 
-    {"kind": "xpcsfit-checkpoint", "format": 1, "xpcsfit_version": "0.1.0",
+    {"kind": "xpcsfit-checkpoint", "format": 2, "xpcsfit_version": "0.1.0",
      "input": "/path/of/input.hdf", "saved_at": "2026-…Z",
      "fingerprint": "<sha256 hex>", "fingerprint_of": {…the hashed mapping…},
      "state": {"x": […], "scale": […], "damping": …, "cost": …, "iteration": …,
-               "normal_passes": …, "cost_passes": …, "done": …, "converged": …,
-               "termination": "…"}}
+               "normal_passes": …, "cost_passes": …, "termination": null}}
+
+``state`` is :meth:`xpcsfit.solver.SolverState.saved`; ``termination`` is null while the
+fit runs, else a :class:`xpcsfit.solver.Termination` value ("ftol", …). Format 1 (before
+the Termination enum) stored done/converged flags and the message; it is not read.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.io.store import STORE_VERSION
 
 KIND = "xpcsfit-checkpoint"
-FORMAT = 1
+FORMAT = 2
 
 
 def checkpoint_path(out: str | Path) -> Path:

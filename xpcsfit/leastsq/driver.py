@@ -2,39 +2,45 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 
-from xpcsfit.leastsq.checkpoint import Checkpoint, fingerprint
+from xpcsfit.config import FitConfig, load_config
 from xpcsfit.engine.cluster import dask_client
-from xpcsfit.config import load_config
-from xpcsfit.io.dataset import open_dataset
+from xpcsfit.engine.evaluator import DaskEvaluator, TileEvaluator
+from xpcsfit.engine.tiles import TileSpec, count_points, plan_tiles
 from xpcsfit.errors import ConfigError
-from xpcsfit.engine.evaluator import DaskEvaluator
+from xpcsfit.io.dataset import open_dataset
+from xpcsfit.leastsq.checkpoint import Checkpoint, fingerprint
 from xpcsfit.leastsq.initial import initial_estimates
-from xpcsfit.engine.kernel import ParameterLayout
 from xpcsfit.io.atomic import claim_result_directory, result_manifest
 from xpcsfit.leastsq.output import create_fitted_store, write_fitted_tile
-from xpcsfit.parameters import DEFAULT_GAP, DEFAULT_INITIAL, physics_names
-from xpcsfit.leastsq.results import FitResult, correlation_warnings, covariance_from_normal_equations, transport_bands
+from xpcsfit.leastsq.results import (
+    FitResult,
+    correlation_warnings,
+    covariance_from_normal_equations,
+    input_record,
+    provenance_record,
+    transport_bands,
+)
+from xpcsfit.model import enable_float64
+from xpcsfit.parameters import (
+    DEFAULT_INITIAL,
+    PER_BIN,
+    ParameterLayout,
+    physics_names,
+    resolve_gap,
+    warn_default_gap,
+)
+from xpcsfit.progress import say
 from xpcsfit.solver import IterationReport, SolverState, TrustRegionLM
-from xpcsfit.engine.tiles import count_points, plan_tiles
 
 DEFAULT_TILE = 128
-
-
-class GapWarning(UserWarning):
-    """The gap L was not given and the default was used."""
-
-
-def _say(progress, message: str) -> None:
-    if progress:
-        print(message, flush=True)
 
 
 def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
@@ -71,15 +77,12 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         Print one line per iteration.
     resume : bool
         With ``out``, the solver's state is saved after every iteration beside it
-        (``.<out name>.checkpoint.json``, see :mod:`xpcsfit.leastsq.checkpoint`) and removed
-        when the result is written. True (the default): a rerun of a fit that was
-        killed continues from its last saved iteration and ends with the same
-        parameters as an uninterrupted fit, in fewer data passes. This is safe by
-        default because a checkpoint is used only when its fingerprint (input
-        content, selection, settings, start, bounds, version) matches this fit's; and
-        it is what a crashed batch reprocessing run needs — the rerun just continues.
-        False: start over (the checkpoint is then replaced). fit.json records a
-        resumed fit under ``resumed_from``.
+        (``.<out name>.checkpoint.json``, see :mod:`xpcsfit.leastsq.checkpoint`) and
+        removed when the result is written. True (the default): rerunning a killed fit
+        continues from its last saved iteration, to the parameters of an uninterrupted
+        fit in fewer data passes, when the checkpoint's fingerprint (input content,
+        selection, settings, start, bounds, version) matches this fit's. False: start
+        over (the checkpoint is replaced). fit.json records a resumed fit under ``resumed_from``.
 
     Returns
     -------
@@ -93,93 +96,120 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         Bad selection, option or config value.
     """
     started = time.perf_counter()
+    enable_float64()
     cfg = load_config(config, mode=mode, gap=gap, tile=tile)
-    names = physics_names(cfg.mode)
-    # NaN/Inf are checked as the workers load the tiles, in parallel, not here first.
-    ds = open_dataset(input, q=q, q_index=q_index, phi=phi, frames=frames, dt=dt,
-                      tile=cfg.tile or DEFAULT_TILE, check_finite=False)
-    size = cfg.tile or int(ds.attrs.get("tile", DEFAULT_TILE))
-    L = cfg.gap or ds.attrs.get("L")
-    gap_defaulted = L is None
-    if gap_defaulted:
-        L = DEFAULT_GAP
-    specs = plan_tiles(ds, size)
-    n_points = count_points(ds)
-    layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
-    check_determinable(input, ds, n_points, layout)
-    what = str(input) if Path(str(input)).name == Path(ds.attrs["source"]).name \
-        else f"{input} (ingested from {ds.attrs['source']})"
-    _say(progress, f"xpcsfit: {cfg.mode} fit of {what}: {ds.sizes['q']} q × "
-                   f"{ds.sizes['phi']} phi × {ds.sizes['t1']} frames = {n_points:,} points "
-                   f"in {len(specs)} tiles of {size} frames")
+    plan = _plan(input, cfg, dict(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt))
+    say(progress, _describe(input, cfg, plan))
 
     def announce(c):
-        _say(progress, f"xpcsfit: started a LocalCluster, dashboard {c.dashboard_link}")
+        say(progress, f"xpcsfit: started a LocalCluster, dashboard {c.dashboard_link}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
     with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
         for stale in getattr(target, "removed_partials", ()):
-            _say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
-        checkpoint = Checkpoint(target.final, resume) if target is not None else None
-        evaluator = DaskEvaluator(cl, specs, layout, cfg.mode, L, storage=cfg.memory)
-        _say(progress, f"xpcsfit: tiles {evaluator.storage} on {evaluator.n_workers} workers "
-                       f"in {len(evaluator.parts)} parts ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
-        if gap_defaulted and cfg.mode == "laminar_flow":
+            say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
+        evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory)
+        say(progress, f"xpcsfit: tiles in {len(evaluator.parts)} parts on {evaluator.n_workers} workers, "
+                      f"memory {evaluator.storage} ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
+        if plan.gap_defaulted:
             # Warned once the tiles have loaded (and passed their checks): a file that
             # cannot be fitted gets its error alone.
-            warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
-                          "(the result files do not record it)", GapWarning, stacklevel=2)
+            warn_default_gap(cfg.mode, stacklevel=2)
         try:
-            result = _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint)
-            cluster = f"{cl.scheduler.address} ({evaluator.n_workers} workers)"
-            result.provenance = _provenance(cfg, L, gap_defaulted, cluster)
-            result.input = _input_info(ds, n_points, L)
-            result.engine = {"tile_size": size} | evaluator.stats()
-            if target is not None:
-                _write(target.partial, result, ds, evaluator, layout, cfg, L, size, started)
-                target.commit()
-                checkpoint.remove()
-            else:
-                result.wall_time_s = time.perf_counter() - started
+            result = _run(evaluator, cl, cfg, plan, progress, target, resume, started)
         finally:
             evaluator.close()
     for w in result.warnings:
-        _say(progress, f"xpcsfit: warning: {w}")
+        say(progress, f"xpcsfit: warning: {w}")
     return result
 
 
-def _starting_point(evaluator, ds, cfg, layout, L):
-    """x0 and bounds: config values first, then data-driven estimates, then defaults."""
-    n_t = ds.sizes["t1"]
-    lag_sums, lag_counts = evaluator.lag_sums(n_t)
+@dataclass(frozen=True)
+class _Plan:
+    """What a fit works on, fixed before a cluster starts: the dataset, its tiles, the
+    parameter layout, the tile size, the gap L (Å) and whether it is the default."""
+
+    ds: xr.Dataset
+    specs: list[TileSpec]
+    layout: ParameterLayout
+    size: int
+    L: float
+    gap_defaulted: bool
+    n_points: int
+
+
+def _plan(input, cfg: FitConfig, selection: dict) -> _Plan:
+    """Open the selection of ``input`` and lay it out; refuse what cannot be fitted.
+
+    Raises
+    ------
+    InputError, ConfigError
+        As :func:`fit`, before any cluster work.
+    """
+    names = physics_names(cfg.mode)
+    # NaN/Inf are checked as the workers load the tiles, in parallel, not here first.
+    ds = open_dataset(input, **selection, tile=cfg.tile or DEFAULT_TILE, check_finite=False)
+    size = cfg.tile or int(ds.attrs.get("tile", DEFAULT_TILE))
+    L, gap_defaulted = resolve_gap(cfg, ds, warn=False)  # fit warns once the tiles loaded
+    specs = plan_tiles(ds, size)
+    n_points = count_points(ds)
+    layout = ParameterLayout(names, ds.sizes["q"], ds.sizes["phi"])
+    check_determinable(input, ds, n_points, layout)
+    return _Plan(ds, specs, layout, size, L, gap_defaulted, n_points)
+
+
+def _describe(input, cfg: FitConfig, plan: _Plan) -> str:
+    """The first progress line: what is fitted, how many points, in how many tiles."""
+    ds = plan.ds
+    what = str(input) if Path(str(input)).name == Path(ds.attrs["source"]).name \
+        else f"{input} (ingested from {ds.attrs['source']})"
+    return (f"xpcsfit: {cfg.mode} fit of {what}: {ds.sizes['q']} q × {ds.sizes['phi']} phi × "
+            f"{ds.sizes['t1']} frames = {plan.n_points:,} points in {len(plan.specs)} tiles of "
+            f"{plan.size} frames")
+
+
+def _run(evaluator: DaskEvaluator, cl, cfg, plan: _Plan, progress, target, resume, started) -> FitResult:
+    """Solve (resuming from the checkpoint beside ``target``), record the input, the
+    engine and the provenance, and write the result directory when there is a target."""
+    checkpoint = Checkpoint(target.final, resume) if target is not None else None
+    result = _solve(evaluator, plan.ds, cfg, plan.layout, plan.L, plan.size, progress, checkpoint)
+    cluster = f"{cl.scheduler.address} ({evaluator.n_workers} workers)"
+    result.provenance = provenance_record(cfg, plan.gap_defaulted, cluster)
+    result.input = input_record(plan.ds, plan.n_points, plan.L)
+    result.engine = {"tile_size": plan.size} | evaluator.stats()
+    if target is None:
+        result.wall_time_s = time.perf_counter() - started
+        return result
+    _write(target.partial, result, plan.ds, evaluator, plan.layout, cfg, plan.L, plan.size, started)
+    target.commit()
+    checkpoint.remove()
+    return result
+
+
+def _starting_point(evaluator: TileEvaluator, ds, cfg, layout, L):
+    """x0 and bounds (P,): config values first, then data-driven estimates, then defaults."""
+    lag_sums, lag_counts = evaluator.lag_sums(ds.sizes["t1"])
     q_of_bin = np.repeat(ds["q"].values, layout.n_phi)
     phi_of_bin = np.tile(ds["phi"].values, layout.n_q)
     est = initial_estimates(lag_sums, lag_counts, q_of_bin, phi_of_bin, float(ds.attrs["dt"]),
                             cfg.mode, L)
-    theta0, lower, upper = [], [], []
-    for name in layout.physics:
-        lo, hi = cfg.bound(name)
-        value = cfg.initial.get(name, est.get(name, DEFAULT_INITIAL[name]))
+
+    def inside(value, lo, hi):
         # Start strictly inside the box: a parameter on a bound at the start may be
         # held there by the active set on the first step.
         margin = 1e-3 * (hi - lo)
-        theta0.append(float(np.clip(value, lo + margin, hi - margin)))
-        lower.append(lo)
-        upper.append(hi)
-    per_bin = {}
-    for name in ("contrast", "offset"):
-        lo, hi = cfg.bound(name)
-        margin = 1e-3 * (hi - lo)
-        value = np.full(layout.n_bins, cfg.initial[name]) if name in cfg.initial else est[name]
-        per_bin[name] = (np.clip(value, lo + margin, hi - margin), lo, hi)
-    x0 = layout.join(theta0, per_bin["contrast"][0], per_bin["offset"][0])
-    nb = layout.n_bins
-    lower = np.concatenate([lower, np.full(nb, per_bin["contrast"][1]), np.full(nb, per_bin["offset"][1])])
-    upper = np.concatenate([upper, np.full(nb, per_bin["contrast"][2]), np.full(nb, per_bin["offset"][2])])
-    return x0, lower, upper
+        return np.clip(value, lo + margin, hi - margin)
+
+    theta0 = [float(inside(cfg.initial.get(n, est.get(n, DEFAULT_INITIAL[n])), *cfg.bound(n)))
+              for n in layout.physics]
+    per_bin = [inside(np.full(layout.n_bins, cfg.initial[n]) if n in cfg.initial else est[n], *cfg.bound(n))
+               for n in PER_BIN]
+    bounds = np.array([cfg.bound(n) for n in layout.physics]
+                      + [cfg.bound(n) for n in PER_BIN for _ in range(layout.n_bins)])
+    return layout.join(theta0, *per_bin), bounds[:, 0], bounds[:, 1]
 
 
-def _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint=None):
+def _solve(evaluator: TileEvaluator, ds, cfg, layout, L, size, progress, checkpoint=None) -> FitResult:
     """Run the solver from the start values, or from ``checkpoint``'s saved state.
 
     With a :class:`~xpcsfit.leastsq.checkpoint.Checkpoint`, the state is saved after every
@@ -187,36 +217,56 @@ def _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint=None):
     one that is not is named in one progress line with the reason.
     """
     x0, lower, upper = _starting_point(evaluator, ds, cfg, layout, L)
-    _say(progress, "xpcsfit: start " + ", ".join(
+    say(progress, "xpcsfit: start " + ", ".join(
         f"{n}={v:.4g}" for n, v in zip(layout.physics, x0[: layout.p])))
 
     def report(r: IterationReport):
-        _say(progress, f"  iter {r.iteration:3d}  cost {r.cost:.8e}  step {r.step_norm:.3e}  "
-                       f"damping {r.damping:.2e}  rho {r.rho:.3f}  passes {r.passes}")
+        say(progress, f"  iter {r.iteration:3d}  cost {r.cost:.8e}  step {r.step_norm:.3e}  "
+                      f"damping {r.damping:.2e}  rho {r.rho:.3f}  passes {r.passes}")
 
     solver = TrustRegionLM(lower, upper, callback=report, **cfg.solver.model_dump())
     state, resumed_from = None, None
     if checkpoint is not None:
         saved, note = checkpoint.open(fingerprint(ds, cfg, L, size, x0, lower, upper), ds.attrs["source"])
         if note:
-            _say(progress, note)
+            say(progress, note)
         if saved is not None:
             state, resumed_from = _resume(solver, evaluator, saved, checkpoint, progress)
     if state is None:
         state = solver.init(evaluator, x0)
-    while not state.done:
+    state = _iterate(solver, evaluator, state, checkpoint, progress)
+    this_run = "" if resumed_from is None else \
+        f" ({evaluator.normal_passes + evaluator.cost_passes} in this run)"
+    say(progress, f"xpcsfit: {solver.message(state)} after {state.iteration} iterations, "
+                  f"{state.passes} data passes{this_run}")
+    result = _result(state, solver.message(state), evaluator, ds, cfg, layout)
+    result.start, result.lower, result.upper, result.resumed_from = x0, lower, upper, resumed_from
+    return result
+
+
+def _iterate(solver: TrustRegionLM, evaluator, state: SolverState, checkpoint, progress) -> SolverState:
+    """Step until the solver terminates, saving the state after every step (until the
+    checkpoint cannot be written: then one warning, and no more tries)."""
+    while not solver.terminate(state)[0]:
         state = solver.step(evaluator, state)
         if checkpoint is not None:
             try:
                 checkpoint.save(state.saved())
             except OSError as exc:
-                _say(progress, f"xpcsfit: warning: cannot write checkpoint {checkpoint.path} "
-                               f"({exc.strerror or exc}); this fit continues without checkpoints")
+                say(progress, f"xpcsfit: warning: cannot write checkpoint {checkpoint.path} "
+                              f"({exc.strerror or exc}); this fit continues without checkpoints")
                 checkpoint = None
-    this_run = "" if resumed_from is None else \
-        f" ({evaluator.normal_passes + evaluator.cost_passes} in this run)"
-    _say(progress, f"xpcsfit: {state.termination} after {state.iteration} iterations, "
-                   f"{state.passes} data passes{this_run}")
+    return state
+
+
+def _result(state: SolverState, termination: str, evaluator: TileEvaluator, ds, cfg, layout) -> FitResult:
+    """The FitResult of a final state: covariance, standard errors, per-bin rms, bands.
+
+    Raises
+    ------
+    ConfigError
+        If there are no more points than parameters (no degrees of freedom).
+    """
     ne = state.ne
     if not (np.isfinite(ne.cost) and np.all(np.isfinite(ne.jtj))):
         # extreme bounds (e.g. D0 in [1e200, 1e300]) overflow the model; the covariance
@@ -230,33 +280,29 @@ def _solve(evaluator, ds, cfg, layout, L, size, progress, checkpoint=None):
     cov, warn = covariance_from_normal_equations(ne.jtj, chi2, dof)
     warn += correlation_warnings(list(layout.physics), cov)
     if not state.converged:
-        warn.insert(0, f"not converged: {state.termination}")
+        warn.insert(0, f"not converged: {termination}")
     se = np.sqrt(np.maximum(np.diag(cov), 0.0))
-    # The solver's final normal equations are those at its final x; their per-bin
-    # residual sums give the residual rms without another pass over the data.
+    # The solver's final normal equations are those at its final x (every path to a
+    # final state ends on a normal-equations pass at x); their per-bin residual sums
+    # give the residual rms without another pass over the data.
     x_sums, sums = evaluator.last_block_sums
-    if not np.array_equal(x_sums, state.x):
-        raise RuntimeError("internal error: the last normal-equation pass is not at the solution")
-    residual_rms = sums.residual_rms().reshape(layout.n_q, layout.n_phi)
+    assert np.array_equal(x_sums, state.x), "internal: the last normal-equations pass is not at x"
     theta, contrast, offset = layout.split(state.x)
     _, c_se, o_se = layout.split(se)
     t = ds["t1"].values
-    t_grid = np.linspace(t[0], t[-1], 200)
     shape = (layout.n_q, layout.n_phi)
-    result = FitResult(
+    return FitResult(
         mode=cfg.mode, names=list(layout.physics), values=theta.copy(), stderr=se[: layout.p],
         q=ds["q"].values.astype(float), phi=ds["phi"].values.astype(float),
         contrast=contrast.reshape(shape), offset=offset.reshape(shape),
         contrast_stderr=c_se.reshape(shape), offset_stderr=o_se.reshape(shape),
-        residual_rms=residual_rms, covariance=cov, covariance_names=layout.names(),
+        residual_rms=sums.residual_rms().reshape(shape), covariance=cov, covariance_names=layout.names(),
         chi2=chi2, reduced_chi2=chi2 / dof, dof=int(dof), n_points=int(ne.n),
-        converged=bool(state.converged), termination=state.termination,
+        converged=bool(state.converged), termination=termination,
         iterations=state.iteration, data_passes=evaluator.normal_passes + evaluator.cost_passes,
-        wall_time_s=float("nan"), transport=transport_bands(cfg.mode, layout.physics, theta, cov, t_grid),
-        warnings=warn, x=state.x.copy(), start=x0, lower=lower, upper=upper,
-        resumed_from=resumed_from,
+        wall_time_s=float("nan"), transport=transport_bands(cfg.mode, theta, cov, np.linspace(t[0], t[-1], 200)),
+        warnings=warn, x=state.x.copy(),
     )
-    return result
 
 
 def check_determinable(source, ds, n_points: int, layout: ParameterLayout) -> None:
@@ -284,15 +330,15 @@ def _resume(solver, evaluator, saved: dict, checkpoint, progress) -> tuple[Solve
     try:
         state = solver.restore(evaluator, saved)
     except ValueError as exc:
-        _say(progress, checkpoint.not_used(f"invalid solver state ({exc})"))
+        say(progress, checkpoint.not_used(f"invalid solver state ({exc})"))
         return None, None
     before = saved["normal_passes"] + saved["cost_passes"]
-    _say(progress, f"xpcsfit: resuming from checkpoint {checkpoint.path}: iteration {state.iteration}, "
+    say(progress, f"xpcsfit: resuming from checkpoint {checkpoint.path}: iteration {state.iteration}, "
                    f"cost {state.ne.cost:.8e}, {before} data passes made before")
     if state.ne.cost != saved["cost"]:
         # The fingerprint matched, so only a non-deterministic evaluation (other
         # hardware or libraries) gets here; the fit stays valid, its digits may differ.
-        _say(progress, f"xpcsfit: note: the cost at the saved x is now {state.ne.cost!r}, saved "
+        say(progress, f"xpcsfit: note: the cost at the saved x is now {state.ne.cost!r}, saved "
                        f"{saved['cost']!r}; the continued trajectory may differ in the last digits")
     return state, {"iteration": state.iteration, "data_passes": before, "checkpoint": str(checkpoint.path)}
 
@@ -352,33 +398,3 @@ def _write_tile(tile, x, layout, mode, L, path, lead, stride):
     data = np.where(w, tile.c2[:, rows, cols], np.nan).astype(np.float32)
     model = np.where(w, fitted[:, rows, cols], np.nan).astype(np.float32)
     return tile.index[0], (r0 + i0) // stride, (c0 + j0) // stride, data, model
-
-
-def _input_info(ds, n_points, L) -> dict:
-    info = {
-        "path": ds.attrs.get("source"),
-        "sha256": ds.attrs.get("sha256"),
-        "layout": ds.attrs.get("layout"),
-        "q": ds["q"].values.tolist(),
-        "q_index": list(ds.attrs.get("q_index", [])),
-        "phi": ds["phi"].values.tolist(),
-        "dt": float(ds.attrs["dt"]),
-        "frames": list(map(int, ds.attrs["frames"])),
-        "L": L,
-        "n_points": int(n_points),
-    }
-    if "store" in ds.attrs:
-        info["store"] = ds.attrs["store"]
-    return info
-
-
-def _provenance(cfg, L, gap_defaulted, cluster) -> dict:
-    versions = {}
-    for pkg in ("xpcsfit", "jax", "numpy", "scipy", "dask", "distributed", "zarr", "h5py", "xarray"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            versions[pkg] = None
-    config = json.loads(cfg.model_dump_json())
-    config["gap"] = L
-    return {"config": config, "gap_defaulted": gap_defaulted, "versions": versions, "cluster": cluster}

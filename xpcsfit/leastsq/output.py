@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from xpcsfit.engine.kernel import ParameterLayout, Tile, tile_model
+from xpcsfit.engine.kernel import Tile, tile_model
+from xpcsfit.parameters import ParameterLayout
 
 
 def create_fitted_store(path: Path, q, phi, t, tile: int) -> None:

@@ -7,11 +7,13 @@ quantities use the delta method: var f = ∇fᵀ C ∇f.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from xpcsfit.model import shear_rate, transport_coefficient
 from xpcsfit.parameters import UNITS
 
 CORRELATION_LIMIT = 0.99
@@ -58,7 +60,8 @@ class FitResult:
         killed run; ``data_passes`` above counts only this run's), and the
         ``checkpoint`` path. None for a fit run from the start.
     engine : dict
-        What the engine did: tile size, tiles and parts, held or streamed, passes,
+        What the engine did: tile size, tiles and parts, ``storage`` ("hold" or
+        "stream", the config's ``memory`` as chosen), passes,
         seconds per solver pass, bytes to/from the workers per pass, kernels compiled
         per worker during the fit and after every kernel had run once.
     """
@@ -102,16 +105,15 @@ class FitResult:
         return dict(zip(self.names, map(float, self.values)))
 
     def J(self, t) -> np.ndarray:
-        """Transport coefficient J(t) = D0 t**alpha + D_offset (Å²/s) at times t (s)."""
-        p = self.parameters
-        return p["D0"] * np.asarray(t, float) ** p["alpha"] + p["D_offset"]
+        """Transport coefficient J(t) (Å²/s) at times t (s): :func:`xpcsfit.model.transport_coefficient`."""
+        return transport_coefficient(np.asarray(self.values, float), np.asarray(t, float))
 
     def gamma_dot(self, t) -> np.ndarray:
-        """Shear rate gamma_dot(t) (1/s) at times t (s); zeros in static mode."""
-        p = self.parameters
+        """Shear rate gamma_dot(t) (1/s) at times t (s): :func:`xpcsfit.model.shear_rate`;
+        zeros in static mode."""
         if self.mode == "static":
             return np.zeros_like(np.asarray(t, float))
-        return p["gamma_dot_t0"] * np.asarray(t, float) ** p["beta"] + p["gamma_dot_t_offset"]
+        return shear_rate(np.asarray(self.values, float), np.asarray(t, float))
 
     def to_dict(self) -> dict:
         def lst(a):
@@ -152,6 +154,41 @@ class FitResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=True)
+
+
+def input_record(ds, n_points: int, L: float) -> dict:
+    """fit.json's ``input``: the file, its sha256 and layout, the selection (q, q_index,
+    phi, dt, frames), the gap L used (Å) and the number of points; ``store`` for a store."""
+    info = {
+        "path": ds.attrs.get("source"),
+        "sha256": ds.attrs.get("sha256"),
+        "layout": ds.attrs.get("layout"),
+        "q": ds["q"].values.tolist(),
+        "q_index": list(ds.attrs.get("q_index", [])),
+        "phi": ds["phi"].values.tolist(),
+        "dt": float(ds.attrs["dt"]),
+        "frames": list(map(int, ds.attrs["frames"])),
+        "L": L,
+        "n_points": int(n_points),
+    }
+    if "store" in ds.attrs:
+        info["store"] = ds.attrs["store"]
+    return info
+
+
+def provenance_record(cfg, gap_defaulted: bool, cluster: str) -> dict:
+    """fit.json's ``provenance``: the resolved config (without the gap, which is recorded
+    once, as used, in ``input.L``), whether the gap is the default, package versions
+    and the cluster."""
+    versions = {}
+    for pkg in ("xpcsfit", "jax", "numpy", "scipy", "dask", "distributed", "zarr", "h5py", "xarray"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    config = json.loads(cfg.model_dump_json())
+    del config["gap"]
+    return {"config": config, "gap_defaulted": gap_defaulted, "versions": versions, "cluster": cluster}
 
 
 def covariance_from_normal_equations(jtj: np.ndarray, chi2: float, dof: int) -> tuple[np.ndarray, list[str]]:
@@ -218,15 +255,18 @@ def correlation_warnings(names, covariance, limit=CORRELATION_LIMIT) -> list[str
     return out
 
 
-def transport_bands(mode: str, names, values, covariance, t) -> dict:
+def transport_bands(mode: str, theta, covariance, t) -> dict:
     """J(t) and gamma_dot(t) with 1-sigma standard errors (delta method).
+
+    The curves are :func:`xpcsfit.model.transport_coefficient` and
+    :func:`~xpcsfit.model.shear_rate`; both are a power law a0·t**a + b in three of
+    the parameters, whose gradient (t**a, a0·t**a·ln t, 1) gives var = ∇ᵀ C ∇.
 
     Parameters
     ----------
     mode : str
-    names : sequence of str
-        Physics parameter names (the first rows/columns of ``covariance``).
-    values : ndarray (p,)
+    theta : ndarray (p,)
+        Physics parameters in MODES order (the first rows/columns of ``covariance``).
     covariance : ndarray (≥p, ≥p)
     t : ndarray (n,)
         Times, s (> 0).
@@ -236,24 +276,20 @@ def transport_bands(mode: str, names, values, covariance, t) -> dict:
     dict of arrays (n,): t, J, J_stderr, and in laminar_flow gamma_dot, gamma_dot_stderr.
     """
     t = np.asarray(t, float)
-    v = dict(zip(names, values))
-    p = len(names)
+    theta = np.asarray(theta, float)
+    p = theta.size
     cov = covariance[:p, :p]
-    idx = {n: i for i, n in enumerate(names)}
 
-    def band(a0, a, b, name0, name_exp, name_off):
-        f = a0 * t**a + b
+    def stderr(first):  # the power law's parameters are theta[first : first + 3]
+        a0, a = theta[first], theta[first + 1]
         grad = np.zeros((t.size, p))
-        grad[:, idx[name0]] = t**a
-        grad[:, idx[name_exp]] = a0 * t**a * np.log(t)
-        grad[:, idx[name_off]] = 1.0
+        grad[:, first] = t**a
+        grad[:, first + 1] = a0 * t**a * np.log(t)
+        grad[:, first + 2] = 1.0
         var = np.einsum("ni,ij,nj->n", grad, cov, grad)
-        return f, np.sqrt(np.maximum(var, 0.0))
+        return np.sqrt(np.maximum(var, 0.0))
 
-    J, J_se = band(v["D0"], v["alpha"], v["D_offset"], "D0", "alpha", "D_offset")
-    out = {"t": t, "J": J, "J_stderr": J_se}
+    out = {"t": t, "J": transport_coefficient(theta, t), "J_stderr": stderr(0)}
     if mode == "laminar_flow":
-        g, g_se = band(v["gamma_dot_t0"], v["beta"], v["gamma_dot_t_offset"],
-                       "gamma_dot_t0", "beta", "gamma_dot_t_offset")
-        out.update(gamma_dot=g, gamma_dot_stderr=g_se)
+        out.update(gamma_dot=shear_rate(theta, t), gamma_dot_stderr=stderr(3))
     return out

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import xpcsfit
-from helpers import bounds, in_process, start, synthetic_dataset
+from problems import STATIC_2Q
 from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.leastsq.checkpoint import Checkpoint, checkpoint_path, digest, fingerprint
-from xpcsfit.solver import TrustRegionLM
+from xpcsfit.solver import Termination, TrustRegionLM
 
 # ---------------------------------------------------------------------------------
 # Solver level: in-process evaluator, sums deterministic, so equality is exact.
@@ -23,10 +23,9 @@ from xpcsfit.solver import TrustRegionLM
 
 @pytest.fixture(scope="module")
 def static_problem():
-    ds = synthetic_dataset("static")
-    ev, layout = in_process(ds, "static")
-    lo, hi = bounds(layout)
-    x0 = start(layout, "static")
+    ev = STATIC_2Q.in_process()
+    lo, hi = STATIC_2Q.bounds
+    x0 = STATIC_2Q.start
     reference = TrustRegionLM(lo, hi).solve(ev, x0)
     assert reference.iteration >= 6, "the problem must take several iterations to test a resume"
     return ev, lo, hi, x0, reference
@@ -58,8 +57,10 @@ def test_restore_through_json_continues_bit_for_bit(static_problem, stop_after):
 def test_restore_of_a_finished_state_needs_no_step(static_problem):
     ev, lo, hi, x0, reference = static_problem
     saved = json.loads(json.dumps(reference.saved()))
+    assert saved["termination"] == reference.termination.value
     state = TrustRegionLM(lo, hi).restore(ev, saved)
-    assert state.done and state.converged and state.termination == reference.termination
+    assert state.done and state.converged and state.termination is reference.termination
+    assert isinstance(state.termination, Termination)
     assert np.array_equal(state.x, reference.x)
     assert state.iteration == reference.iteration
 
@@ -73,6 +74,8 @@ def test_restore_of_a_finished_state_needs_no_step(static_problem):
         (lambda s: s.update(iteration=2.5), "integers"),
         (lambda s: s.update(x=[1e9] * len(s["x"])), "bounds"),
         (lambda s: s.update(x="abc"), "malformed"),
+        (lambda s: s.update(termination="converged"), "termination 'converged'"),
+        (lambda s: s.pop("termination"), "termination"),
     ],
 )
 def test_restore_rejects_a_bad_state_before_any_pass(static_problem, change, words):
@@ -108,7 +111,7 @@ def _doc(**changes):
 
 
 STATE = {"x": [1.5, 2.5], "scale": [1.0, 1.0], "damping": 1e-3, "cost": 1.0, "iteration": 3,
-         "normal_passes": 4, "cost_passes": 3, "done": False, "converged": False, "termination": ""}
+         "normal_passes": 4, "cost_passes": 3, "termination": None}
 
 
 def test_checkpoint_round_trip_and_removal(tmp_path):
@@ -155,6 +158,7 @@ def test_checkpoint_of_another_fit_is_not_used(tmp_path, changes, named):
         (b"\xff\xfe\x00", "not valid JSON"),
         ('{"kind": "something-else"}', "not an xpcsfit checkpoint"),
         ("[1, 2]", "not an xpcsfit checkpoint"),
+        ('{"kind": "xpcsfit-checkpoint", "format": 1}', "checkpoint format 1, this xpcsfit reads 2"),
     ],
 )
 def test_unreadable_checkpoint_gives_a_note(tmp_path, text, words):
@@ -310,10 +314,9 @@ def test_checkpoint_of_another_input_file_is_not_used(flow_file, tmp_path):
 def driver_problem():
     from xpcsfit.config import load_config
 
-    ds = synthetic_dataset("static")
+    ds = STATIC_2Q.dataset.copy()
     ds.attrs.update(sha256="0" * 64, layout="synthetic", q_index=[0, 1])
-    ev, layout = in_process(ds, "static")
-    return ds, ev, layout, load_config({"mode": "static", "gap": 2.0e6})
+    return ds, STATIC_2Q.in_process(), STATIC_2Q.layout, load_config({"mode": "static", "gap": 2.0e6})
 
 
 class _Killed(Exception):
@@ -370,7 +373,7 @@ def test_truncated_checkpoint_is_ignored_with_a_note(driver_problem, tmp_path, c
 
     ds, ev, layout, cfg = driver_problem
     ck = Checkpoint(tmp_path / "res")
-    ck.path.write_text('{"kind": "xpcsfit-checkpoint", "format": 1, "fingerprint": "ab')  # cut off
+    ck.path.write_text('{"kind": "xpcsfit-checkpoint", "format": 2, "fingerprint": "ab')  # cut off
     r = _solve(ev, ds, cfg, layout, 2.0e6, 32, True, ck)
     lines = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line]
     assert len(lines) == 1 and "not used: not valid JSON" in lines[0] and lines[0].endswith("starting over")
