@@ -149,6 +149,18 @@ def gpu_cluster(gpus: list[str], memory_limit="auto"):
         return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=40)
 
 
+def workers_info(client) -> dict:
+    """{address: info} of the scheduler's workers (memory_limit, nthreads, status, …),
+    asked afresh.
+
+    Not ``client.scheduler_info()["workers"]``: that returns the client's cached identity,
+    which the client also refreshes without the workers, and which every thread using the
+    client shares; a fit running as a task next to others on a worker (all on the
+    worker's one client) got ``{}`` from it.
+    """
+    return client.sync(client.scheduler.identity, n_workers=-1)["workers"]
+
+
 @contextlib.contextmanager
 def dask_client(client=None, scheduler: str | None = None, on_start=None):
     """Yield the client a fit should use.

@@ -26,6 +26,7 @@ from operator import add
 
 import numpy as np
 
+from xpcsfit.engine.cluster import workers_info
 from xpcsfit.engine.kernel import (
     Tile,
     TilePlace,
@@ -35,8 +36,10 @@ from xpcsfit.engine.kernel import (
     tile_costs,
     tile_lag_sums,
 )
+from xpcsfit.engine.memory import shortfall, worker_memory, workers_dying
 from xpcsfit.engine.sums import BlockSums, NormalEquations
 from xpcsfit.engine.tiles import TileSpec
+from xpcsfit.errors import ConfigError
 from xpcsfit.model import enable_float64
 from xpcsfit.parameters import ParameterLayout
 
@@ -202,8 +205,9 @@ class DaskEvaluator(TileEvaluator):
         "stream": keep only the small specs on the workers and read each tile from its
         source in every pass, so a worker's memory is bounded by a few tiles whatever
         the data size. "auto": hold when the padded tiles take at most
-        :data:`HOLD_FRACTION` of the workers' summed memory limit, else stream. The
-        attribute ``storage`` is the choice made ("hold" or "stream").
+        :data:`HOLD_FRACTION` of the workers' summed memory limit and fit beside the
+        kernel workspace (see :func:`xpcsfit.engine.memory.shortfall`), else stream.
+        The attribute ``storage`` is the choice made ("hold" or "stream").
 
     Notes
     -----
@@ -217,6 +221,10 @@ class DaskEvaluator(TileEvaluator):
     ------
     XpcsfitError
         Whatever a tile load raised (e.g. InputError for non-finite c2), re-raised here.
+    ConfigError
+        Before any tile is loaded, if a worker's memory_limit is too small for one tile
+        and its kernel workspace (or, held, for its tiles); and, in place of Dask's
+        KilledWorker, if worker processes kept dying while loading or evaluating tiles.
     """
 
     HOLD_FRACTION = 0.4
@@ -232,33 +240,85 @@ class DaskEvaluator(TileEvaluator):
         self.bytes_from_workers = 0
         self._token = uuid.uuid4().hex[:8]
         self.tile_bytes = sum(s.nbytes for s in specs)
-        self.storage = self._choose_storage(storage)
-        workers = sorted(client.scheduler_info()["workers"])
+        self._tile_shape = (specs[0].size, specs[0].phi.size) if specs else (0, 0)
+        info = workers_info(client)
+        workers = sorted(info)
         self.n_workers = max(1, len(workers))  # at the start
+        self._limits = {w: info[w].get("memory_limit") or 0 for w in workers}
         size = part_size(len(specs), len(workers))
         groups = [list(specs[i : i + size]) for i in range(0, len(specs), size)]
+        self.storage = self._choose_storage(storage, groups, workers)
         self.parts = []
         place = _load_part if self.storage == "hold" else _keep_part
         for i, group in enumerate(groups):
             where = dict(workers=[workers[i % len(workers)]], allow_other_workers=True) if workers else {}
             self.parts.append(client.submit(place, group, key=f"xpcsfit-part-{self._token}-{i}", **where))
+        if workers:
+            self._release_placement([f.key for f in self.parts])
+        pending = set(self.parts)
         with client.as_current():  # wait() uses the current client, which may be another
-            wait(self.parts)
-        for f in self.parts:
-            if f.status == "error":
-                f.result()  # re-raises the load's exception here
+            while pending and not any(f.status == "error" for f in self.parts):
+                _, pending = wait(pending, return_when="FIRST_COMPLETED")
+        failed = [f for f in self.parts if f.status == "error"]
+        if failed:
+            try:
+                with self._workers_dying("loading the tiles", self.parts):
+                    failed[0].result()  # re-raises the load's exception here
+            finally:
+                client.cancel(self.parts)  # the other parts are not needed now
         # Compile counters are per worker process and cumulative; keep the baseline so the
         # result reports what this fit compiled, and what it compiled once warm.
         self._compiled_at_start = self.compilations()
         self._compiled_when_warm: dict | None = None
 
-    def _choose_storage(self, storage: str) -> str:
-        if storage in ("hold", "stream"):
-            return storage
-        limits = [w.get("memory_limit") or 0 for w in self.client.scheduler_info()["workers"].values()]
-        if not limits or min(limits) == 0:
-            return "hold"  # no memory limit set on the workers
-        return "hold" if self.tile_bytes <= self.HOLD_FRACTION * sum(limits) else "stream"
+    def _release_placement(self, keys: list) -> None:
+        """Drop the parts' worker restrictions once the scheduler has placed them.
+
+        They only spread the parts evenly at the start. Kept, a part lost while no
+        worker was running (every worker died, or the only one) would wait in Dask's
+        no-worker state for a worker of its old address forever: new workers do not
+        take it, allow_other_workers notwithstanding (dask/distributed#7346).
+        """
+        scheduler = self.client.scheduler
+        # The submissions travel on another connection: wait until the scheduler has them.
+        deadline = time.monotonic() + 60
+        while None in self.client.sync(scheduler.get_task_status, keys=keys).values():
+            if time.monotonic() > deadline:
+                raise RuntimeError("internal error: the scheduler did not receive the part tasks in 60 s")
+            time.sleep(0.005)
+        self.client.sync(scheduler.set_restrictions, worker=dict.fromkeys(keys))
+
+    def _choose_storage(self, storage: str, groups: list, workers: list) -> str:
+        """Return "hold" or "stream" (see the class docstring), checked against the workers' memory.
+
+        Raises
+        ------
+        ConfigError
+            If a worker's memory_limit cannot take one tile and its kernel workspace
+            ("stream"), or the tiles it would hold as well ("hold").
+        """
+        limited = [w for w in workers if self._limits[w]]
+        memory = self.client.run(worker_memory, workers=limited) if limited else {}
+        limits = list(self._limits.values())
+
+        def problem(chosen):
+            return shortfall(chosen, groups, workers, self._limits, memory, self._tile_shape)
+
+        if storage == "auto" and (not limits or min(limits) == 0):
+            storage = "hold"  # no memory limit set on the workers
+        elif storage == "auto":
+            fits = self.tile_bytes <= self.HOLD_FRACTION * sum(limits) and problem("hold") is None
+            storage = "hold" if fits else "stream"
+        message = problem(storage)
+        if message is not None:
+            raise ConfigError(message)
+        return storage
+
+    def _workers_dying(self, what: str, futures: list):
+        """Context: KilledWorker while ``what`` becomes a ConfigError (see
+        :func:`xpcsfit.engine.memory.workers_dying`)."""
+        tile_mib = self.tile_bytes / max(1, self.n_tiles) / 2**20
+        return workers_dying(self.client, what, futures, self._limits, self._tile_shape, tile_mib)
 
     def _map_reduce(self, name, func, x):
         started = time.perf_counter()
@@ -269,7 +329,8 @@ class DaskEvaluator(TileEvaluator):
                                key=f"xpcsfit-{name}-{self._token}-{pass_id}-part-{i}")
             for i, part in enumerate(self.parts)
         ]
-        sums = self.client.gather(futures)
+        with self._workers_dying(f"computing {name}", futures):
+            sums = self.client.gather(futures)
         self.bytes_from_workers += sum(getattr(s, "nbytes", 8) for s in sums)
         result = tree_sum(sums)
         del futures
@@ -282,7 +343,9 @@ class DaskEvaluator(TileEvaluator):
         futures = [self.client.submit(_part_map, func, part, *args,
                                       key=f"xpcsfit-{name}-{self._token}-{self.other_passes}-{i}")
                    for i, part in enumerate(self.parts)]
-        return [r for results in self.client.gather(futures) for r in results]
+        with self._workers_dying(f"running {name}", futures):
+            gathered = self.client.gather(futures)
+        return [r for results in gathered for r in results]
 
     def compilations(self) -> dict:
         """Compiled kernel variants per worker address (cumulative over the process)."""
