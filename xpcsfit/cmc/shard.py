@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xpcsfit import model as _model
+
 PRIOR_SD = 1.0  # sd of u (amplitude position, logit scale) and of the exponent/phi0 logits
 
 
