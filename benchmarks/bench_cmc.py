@@ -37,6 +37,7 @@ def main() -> None:
 
     from xpcsfit.engine.cluster import local_cluster
     from xpcsfit.cmc_cli import add_parser, run
+    from xpcsfit.model import shear_rate, transport_coefficient
 
     print(f"flow_small q index 8, laminar_flow (7 parameters free); thin {a.thin}, {a.chains} chains × "
           f"({a.warmup} warm-up + {a.samples}) per shard; {a.workers} workers × 1 thread; {os.cpu_count()} cores")
@@ -62,10 +63,8 @@ def main() -> None:
 
             post = xr.open_zarr(out / "posterior.zarr", consolidated=False)
             draws = post["draws"].values.reshape(-1, post.sizes["parameter"])
-        names = list(post["parameter"].values)
-        p = dict(zip(names, draws.T))
-        J = p["D0"][:, None] * t_eval ** p["alpha"][:, None] + p["D_offset"][:, None]
-        g = p["gamma_dot_t0"][:, None] * t_eval ** p["beta"][:, None] + p["gamma_dot_t_offset"][:, None]
+        theta = draws.T[:, :, None]  # (p, S, 1): parameter i of every draw is theta[i]
+        J, g = transport_coefficient(theta, t_eval), shear_rate(theta, t_eval)
         print(f"\n=== K = {K}: wall time {wall:.1f} s (cluster start + LSQ fit + shards + combination + "
               f"outputs; exit code {code}) ===")
         for sh in s["shards"]:

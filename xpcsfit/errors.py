@@ -21,3 +21,9 @@ class ConfigError(XpcsfitError):
     """A selection, option or configuration value is out of range or unknown."""
 
     exit_code = 3
+
+
+class SamplingError(XpcsfitError):
+    """Sampling gave nothing to report: every CMC shard failed (after its retries)."""
+
+    exit_code = 5

@@ -117,21 +117,33 @@ def g1_squared(theta, mode, q, L, phi, t1, t2):
     array (n_phi, n1, n2) for laminar_flow, (1, n1, n2) for static (broadcasts
     over phi).
     """
-    t1c = t1[:, None]
-    t2r = t2[None, :]
-    lt1 = jnp.log(t1c)
-    lt2 = jnp.log(t2r)
+    return g1_squared_pairs(theta, mode, q, L, phi, t1[:, None], t2[None, :])
+
+
+def g1_squared_pairs(theta, mode, q, L, phi, t1, t2):
+    """g1(phi, t1, t2)**2 for every angle at time pairs (t1[i], t2[i]), not a grid.
+
+    ``t1`` and ``t2`` (s, > 0) broadcast against each other (pairs: both (n,); a grid:
+    (n1, 1) and (1, n2), which is :func:`g1_squared`); other arguments as there.
+
+    Returns
+    -------
+    array (n_phi, *shape) for laminar_flow, (1, *shape) for static, ``shape`` the
+    broadcast shape of t1 and t2.
+    """
+    lt1 = jnp.log(t1)
+    lt2 = jnp.log(t2)
     D0, alpha, D_offset = theta[0], theta[1], theta[2]
-    diff = jnp.exp(-(q * q) * diffusion_integral(D0, alpha, D_offset, t1c, t2r, lt1, lt2))
+    diff = jnp.exp(-(q * q) * diffusion_integral(D0, alpha, D_offset, t1, t2, lt1, lt2))
     if mode == "static":
-        return diff[None, :, :]
+        return diff[None]
     gamma_dot_t0, beta, gamma_dot_t_offset, phi0 = theta[3], theta[4], theta[5], theta[6]
-    strain = shear_integral(gamma_dot_t0, beta, gamma_dot_t_offset, t1c, t2r, lt1, lt2)
-    cosine = jnp.cos(jnp.deg2rad(phi0 - phi))[:, None, None]
-    x = 0.5 * q * L * cosine * strain[None, :, :]
+    strain = shear_integral(gamma_dot_t0, beta, gamma_dot_t_offset, t1, t2, lt1, lt2)
+    cosine = jnp.expand_dims(jnp.cos(jnp.deg2rad(phi0 - phi)), tuple(range(1, 1 + strain.ndim)))
+    x = 0.5 * q * L * cosine * strain[None]
     # jnp.sinc is the normalised sinc sin(pi y)/(pi y), smooth (with derivatives) at 0.
     shear = jnp.sinc(x / jnp.pi)
-    return diff[None, :, :] * shear * shear
+    return diff[None] * shear * shear
 
 
 def c2_model(theta, contrast, offset, mode, q, L, phi, t1, t2):

@@ -10,7 +10,7 @@ draw by draw (``numpyro.infer.hmc_util.consensus``; the combined draws keep the 
 structure, so R-hat and ESS are meaningful for them too). It is exact when every
 sub-posterior is Gaussian. "parametric" draws from the Gaussian product of the
 sub-posteriors instead (Neiswanger et al., 2014). Both work in the sampling
-coordinates w (``_cmc_model``), standardised by one common centre and scale first
+coordinates w (:mod:`xpcsfit.cmc.coordinates`), standardised by one common centre and scale first
 (the coordinates span 1e-6 … 1e5, beyond what an unscaled covariance inverse tolerates;
 both rules are unchanged by a common affine map).
 
@@ -25,6 +25,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import ndtri
 from scipy.stats import rankdata
+
+from xpcsfit.cmc.coordinates import PRIOR_SD
+from xpcsfit.model import shear_rate, transport_coefficient
 
 R_HAT_LIMIT = 1.01
 ESS_PER_CHAIN = 100
@@ -162,25 +165,26 @@ def combine(shard_w, method: str = "consensus", seed: int = 0) -> np.ndarray:
 # ---------------------------------------------------------------- derived quantities
 
 
-def transport_draws(mode: str, names, theta, t) -> dict:
+def transport_draws(mode: str, theta, t) -> dict:
     """J(t) (Å²/s) and, in laminar_flow, gamma_dot(t) (1/s) for each draw.
 
     Parameters
     ----------
+    mode : {"static", "laminar_flow"}
     theta : ndarray (..., p)
+        Physics parameters in ``xpcsfit.parameters.MODES[mode]`` order.
     t : ndarray (n,), s > 0
 
     Returns
     -------
-    dict of ndarrays (..., n)
+    dict of ndarrays (..., n): ``J`` and, in laminar_flow, ``gamma_dot``.
     """
-    idx = {n: i for i, n in enumerate(names)}
-    th = np.asarray(theta, float)[..., None, :]
+    # Parameters first, so that theta[i] is parameter i for every draw, shape (..., 1).
+    th = np.moveaxis(np.asarray(theta, float)[..., None, :], -1, 0)
     t = np.asarray(t, float)
-    out = {"J": th[..., idx["D0"]] * t ** th[..., idx["alpha"]] + th[..., idx["D_offset"]]}
+    out = {"J": transport_coefficient(th, t)}
     if mode == "laminar_flow":
-        out["gamma_dot"] = (th[..., idx["gamma_dot_t0"]] * t ** th[..., idx["beta"]]
-                            + th[..., idx["gamma_dot_t_offset"]])
+        out["gamma_dot"] = shear_rate(th, t)
     return out
 
 
@@ -190,6 +194,38 @@ def bands(values) -> dict:
     q03, q50, q97 = np.quantile(v, [0.03, 0.5, 0.97], axis=0)
     return {"mean": v.mean(axis=0).tolist(), "sd": v.std(axis=0, ddof=1).tolist(),
             "q03": q03.tolist(), "q50": q50.tolist(), "q97": q97.tolist()}
+
+
+def outside_bounds(flat, lower, upper) -> int:
+    """How many draws (S, p) have a parameter outside its bounds (lower, upper: (p,))."""
+    lo, hi = np.asarray(lower), np.asarray(upper)
+    return int(np.sum(np.any((flat < lo) | (flat > hi), axis=1)))
+
+
+def identifiability_warnings(names, flat, w) -> list[str]:
+    """Warnings for what the combined draws do not determine.
+
+    Pairs of physics parameters (draws ``flat`` (S, p)) correlated beyond ±0.99, and
+    an amplitude (D0, gamma_dot_t0) whose position coordinate u (sampling draws ``w``
+    (..., p_w), :mod:`xpcsfit.cmc.coordinates`) spreads over more than half its prior sd.
+    """
+    out = []
+    if flat.shape[0] > 2:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.corrcoef(flat.T)
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                if abs(c[i, j]) > 0.99:
+                    out.append(f"{names[i]} and {names[j]} are not separately determined (posterior "
+                               f"correlation {c[i, j]:+.3f}); rely on J(t) and gamma_dot(t)")
+    wf = w.reshape(-1, w.shape[-1])
+    for col, name in ((0, "D0"), (3, "gamma_dot_t0")):
+        if col < wf.shape[1] and name in names:
+            sd = wf[:, col].std()
+            if sd > 0.5 * PRIOR_SD:
+                out.append(f"{name} is determined mostly by its prior (posterior sd of its position "
+                           f"coordinate u {sd:.2f}, prior {PRIOR_SD}); its bounds shape its posterior")
+    return out
 
 
 def leave_one_out_effect(shard_w, k: int, method: str, to_theta, names, mode, t_ref, seed=0) -> dict:
@@ -224,7 +260,7 @@ def leave_one_out_effect(shard_w, k: int, method: str, to_theta, names, mode, t_
 def _quantities(w, to_theta, names, mode, t_ref) -> dict:
     theta = to_theta(w.reshape(-1, w.shape[-1]))
     out = {n: theta[:, i] for i, n in enumerate(names)}
-    for key, v in transport_draws(mode, names, theta, t_ref).items():
+    for key, v in transport_draws(mode, theta, t_ref).items():
         for j, t in enumerate(t_ref):
             out[f"{key}({t:g} s)"] = v[:, j]
     return out

@@ -36,8 +36,7 @@ MAX_LAG = 64  # frames
 def tile_noise_sums(tile, x, layout: ParameterLayout, mode: str, L: float, max_lag: int) -> dict:
     """Worker task: residual sums of one tile at the least-squares optimum x.
 
-    ``tile`` is a :class:`~xpcsfit.engine.tiles.TileSpec` (loaded here) or a loaded
-    :class:`~xpcsfit.engine.kernel.Tile`.
+    ``tile`` is a loaded :class:`~xpcsfit.engine.kernel.Tile`; ``max_lag`` W in frames.
 
     Returns
     -------
@@ -45,8 +44,6 @@ def tile_noise_sums(tile, x, layout: ParameterLayout, mode: str, L: float, max_l
     ``acf`` (n_phi, 2W+1, 2W+1) Σ r(i,j)·r(i+a, j+b) and ``pairs`` (2W+1, 2W+1) the
     number of pairs, lags a, b = -W … W (W = ``max_lag``).
     """
-    if hasattr(tile, "load"):
-        tile = tile.load()
     model = tile_model(tile, x, layout, mode, L)
     w = tile.weight
     r = (tile.c2.astype(float) - model) * w[None]

@@ -102,7 +102,7 @@ def bands_png(path: Path, t, transport: dict, truth: dict | None = None) -> None
     ----------
     t : ndarray (n,) s
     transport : dict
-        "J" (and "gamma_dot") -> dict of lists from ``_cmc_combine.bands``.
+        "J" (and "gamma_dot") -> dict of lists from :func:`xpcsfit.cmc.combine.bands`.
     truth : dict, optional
         key -> callable(t), drawn dashed.
     """

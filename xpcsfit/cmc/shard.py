@@ -1,47 +1,11 @@
-"""One Consensus Monte Carlo shard: sampling coordinates, tempered prior, likelihood, NUTS.
+"""One Consensus Monte Carlo shard: its points, and the NUTS job that samples it.
 
-Sampling coordinates w
-    With alpha ≈ 0 the data fix J(t) = D0 t**alpha + D_offset over the window but not
-    D0, alpha and D_offset separately: in (D0, alpha) the posterior is a thin curved
-    ridge (D0·alpha ≈ const) that NUTS cannot cross. NUTS therefore samples
-
-        w = (u_D0, s_J, y_J [, u_g0, s_g, y_g, phi0])
-
-    with s_J = alpha·D0 = dJ/dln t and y_J = D0 + D_offset = J, both at t = 1 s, and
-    u_D0 the position of log D0 (logit scale) inside the interval that every bound
-    allows for this (s_J, y_J); likewise for the shear rate (gamma_dot_t0, beta,
-    gamma_dot_t_offset). The data determine (s, y) whatever the amplitude is, so the
-    ridge becomes a straight valley along u, and no bound is ever crossed (see
-    :class:`Coordinates`).
-
-Prior (weakly informative, inside the bounds), defined on w
-    u ~ Normal(0, 1) (log D0 anywhere in its allowed interval, the middle favoured);
-    s ~ Normal(0, (largest slope the bounds allow)²); y ~ Normal(centre, half-range²)
-    of the bounds of D0 + D_offset; times a logit-normal factor (logit sd 1) on each
-    exponent (alpha, beta) and on phi0, inside their bounds; zero outside the bounds.
-    It is a prior on the physics parameters (through the one-to-one map w -> θ), but
-    not one of independent factors per parameter: placed on w, it does not favour
-    small amplitudes the way independent priors on (D0, alpha) do through the Jacobian
-    1/D0 (the prior volume of alpha at fixed slope), which pulls the posterior of an
-    undetermined D0 to its lower bound and alpha to its bounds. The prior density of
-    w is raised to 1/K in each of the K shards (Scott et al., 2016, Eq. 2), in w, the
-    space where the shards are combined: the product of the K shard targets is the
-    full posterior of w, and for the Normal factors the tempered sub-priors multiply
-    back exactly even under the Gaussian consensus rule.
-
-Likelihood
-    c2 = offset_k + contrast_k·G(θ) + e with e ~ Normal(0, var_k), one var_k per (q, phi)
-    bin, fixed: the least-squares residual variance times an inflation factor for the
-    correlated noise (see ``_cmc_noise``). contrast_k and offset_k enter linearly and
-    are integrated out analytically under a flat prior; per bin this leaves
-
-        log L_k(θ) = -RSS_k(θ) / (2 var_k) - ½ log det M_k(θ) + const,
-
-    RSS_k the residual sum of squares at the best contrast/offset for this θ and M_k
-    the 2×2 Gram matrix of [G, 1]. Marginalising per shard gives each shard its own
-    contrast/offset; shards interleaved over the whole map (``shard_of``) have nearly
-    the same θ-information about them, so the loss against shared values is second
-    order (the consensus test measures it: sds within a few % of full-data NUTS).
+Every tile's points on the lattice of every ``thin``-th frame (:func:`tile_lattice`) are
+dealt to the K shards by a fixed hash of their frame pair (:func:`shard_of`); a shard's
+points (:func:`shard_data`) carry all phi of their q (angle-complete). :func:`run_shard`
+is one NumPyro NUTS task on them, sampling the coordinates of
+:mod:`xpcsfit.cmc.coordinates` with the target prior^(1/K) × likelihood
+(:mod:`xpcsfit.cmc.likelihood`).
 """
 
 from __future__ import annotations
@@ -51,233 +15,58 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xpcsfit import model as _model
-
-PRIOR_SD = 1.0  # sd of u (amplitude position, logit scale) and of the exponent/phi0 logits
-
-
-# ---------------------------------------------------------------- coordinates, prior
+from xpcsfit.cmc.coordinates import PRIOR_SD, Coordinates
+from xpcsfit.cmc.likelihood import ShardData, log_likelihood
 
 
 @dataclass(frozen=True)
-class Coordinates:
-    """Map between physics parameters θ and NUTS's sampling coordinates w.
-
-    Per power law (A t**e + o: (D0, alpha, D_offset) and, in laminar_flow,
-    (gamma_dot_t0, beta, gamma_dot_t_offset)) three coordinates (u, s, y):
-
-        s = e·A    (the slope d/dln t at t = 1 s)      y = A + o  (the value at t = 1 s)
-        log A = a + (b - a)·sigmoid(u)
-
-    with [a, b] the log-amplitudes that every bound allows for this (s, y) (see
-    ``_interval``): the exponent s/A and the offset y - A stay inside their bounds by
-    construction, for any u. Without it the exponent bound cuts the allowed slope
-    down in proportion to A, and the offset bound cuts the amplitude off at a wall:
-    funnels and walls where NUTS diverges. phi0 is sampled as it is.
-
-    Parameters
-    ----------
-    mode : {"static", "laminar_flow"}
-    names : tuple of str
-        Physics parameter names in θ order (``xpcsfit.parameters.MODES[mode]``).
-    lower, upper : tuple of float
-        Bounds of each physics parameter (same order); D0 and gamma_dot_t0 need
-        lower > 0, alpha and beta lower < 0 < upper.
-    """
-
-    mode: str
-    names: tuple
-    lower: tuple
-    upper: tuple
-
-    @property
-    def blocks(self):
-        out = [("D0", "alpha", "D_offset")]
-        if self.mode == "laminar_flow":
-            out.append(("gamma_dot_t0", "beta", "gamma_dot_t_offset"))
-        return out
-
-    @property
-    def w_names(self) -> list[str]:
-        out = ["u_D0", "dJ_dlnt_at_1s", "J_at_1s"]
-        if self.mode == "laminar_flow":
-            out += ["u_gamma_dot_t0", "dgamma_dot_dlnt_at_1s", "gamma_dot_at_1s", "phi0"]
-        return out
-
-    def _b(self, name):
-        i = self.names.index(name)
-        return self.lower[i], self.upper[i]
-
-    def _interval(self, s, y, names):
-        """(a, b): log of the smallest and largest amplitude A allowed by every bound.
-
-        A >= A_lo, A >= m(s) (the exponent s/A inside its bounds: m = s/e_hi for s > 0,
-        s/e_lo for s < 0) and A >= y - o_hi; A <= A_hi and A <= y - o_lo (the offset
-        y - A inside its bounds). The maxima and minima are smooth (a root of a sum of
-        squares; a soft minimum of order 16), continuously differentiable so that
-        NUTS's leapfrog steps meet no kink where the slope s changes sign. They lie
-        inside the exact limits (by at most a factor √3 and 2^(1/16)), so the prior is
-        zero on thin slivers next to the bounds.
-        """
-        import jax.numpy as jnp
-
-        amp, exponent, offset = names
-        a_lo, a_hi = self._b(amp)
-        e_lo, e_hi = self._b(exponent)
-        o_lo, o_hi = self._b(offset)
-        m = jnp.where(s > 0, s / e_hi, s / e_lo)
-        d = jnp.maximum(y - o_hi, 0.0)
-        a = 0.5 * jnp.log(a_lo * a_lo + m * m + d * d)
-        c = jnp.maximum(y - o_lo, 1e-300)
-        k = 16.0
-        b = -jnp.logaddexp(-k * np.log(a_hi), -k * jnp.log(c)) / k
-        # Where the bounds leave no amplitude at all (a >= b) the prior is zero; keep the
-        # map defined there (the prior's bound checks return -inf).
-        b = jnp.maximum(b, a + 1e-9)
-        return a, b
-
-    def _block(self, w3, names):
-        """(A, e, o, log dlogA/du) of one power law from its (u, s, y)."""
-        import jax
-        import jax.numpy as jnp
-
-        u, s, y = w3
-        a, b = self._interval(s, y, names)
-        logA = a + (b - a) * jax.nn.sigmoid(u)
-        A = jnp.exp(logA)
-        log_du = jnp.log(b - a) + jax.nn.log_sigmoid(u) + jax.nn.log_sigmoid(-u)
-        return A, s / A, y - A, logA, log_du
-
-    def to_theta(self, w):
-        """θ (…, p) from w (…, p); JAX-traceable."""
-        import jax.numpy as jnp
-
-        parts = []
-        for k, names in enumerate(self.blocks):
-            A, e, o, _, _ = self._block((w[..., 3 * k], w[..., 3 * k + 1], w[..., 3 * k + 2]), names)
-            parts += [A, e, o]
-        if self.mode == "laminar_flow":
-            parts.append(w[..., 6])
-        return jnp.stack(parts, axis=-1)
-
-    def from_theta(self, theta, margin: float = 0.02) -> np.ndarray:
-        """w of θ (p,), moved inside the bounds (by ``margin`` of each interval).
-
-        An amplitude on its bound (D0 = 1e5 is a common least-squares answer when D0
-        and D_offset are not separately determined) becomes one inside; s and y are
-        kept, so J(t) changes only at second order.
-        """
-        th = dict(zip(self.names, np.asarray(theta, float)))
-        w = []
-        for amp, exponent, offset in self.blocks:
-            e_lo, e_hi = self._b(exponent)
-            o_lo, o_hi = self._b(offset)
-            A = th[amp]
-            e = float(np.clip(th[exponent], e_lo + margin * (e_hi - e_lo), e_hi - margin * (e_hi - e_lo)))
-            s = e * A
-            y = A + float(np.clip(th[offset], o_lo + margin * (o_hi - o_lo), o_hi - margin * (o_hi - o_lo)))
-            a, b = (float(v) for v in self._interval(s, y, (amp, exponent, offset)))
-            x = np.clip((np.log(max(A, 1e-300)) - a) / (b - a), margin, 1 - margin)
-            w += [_logit(x), s, y]
-        if self.mode == "laminar_flow":
-            lo, hi = self._b("phi0")
-            w.append(float(np.clip(th["phi0"], lo + margin * (hi - lo), hi - margin * (hi - lo))))
-        return np.asarray(w, float)
-
-    def prior_scales(self) -> dict:
-        """Centre and sd of the Normal prior of each sampling coordinate (see log_prior)."""
-        out = {}
-        for k, (amp, exponent, offset) in enumerate(self.blocks):
-            a_lo, a_hi = self._b(amp)
-            e_lo, e_hi = self._b(exponent)
-            o_lo, o_hi = self._b(offset)
-            names = self.w_names[3 * k: 3 * k + 3]
-            out[names[0]] = (0.0, PRIOR_SD)
-            out[names[1]] = (0.0, max(-e_lo, e_hi) * a_hi)
-            out[names[2]] = (0.5 * (a_lo + a_hi + o_lo + o_hi), 0.5 * (a_hi - a_lo + o_hi - o_lo))
-        return out
-
-    def log_prior(self, w):
-        """log prior density of w (untempered); JAX.
-
-        Independent Normals on the sampling coordinates: u ~ N(0, 1) (the position of
-        log A in its allowed interval, on the logit scale), s ~ N(0, (|e|max·A_hi)²)
-        (the largest slope the bounds allow), y ~ N(centre, half-range²) of A + o;
-        times a logit-normal factor (logit sd 1) for each exponent e = s/A on its
-        bounds, which keeps the exponents away from their bounds where the data say
-        nothing about them (the early-time tail of J(t)); phi0 logit-normal (logit sd
-        1) on its bounds; zero outside the bounds (A, and the offset for any u, stay
-        inside theirs by construction).
-        """
-        import jax.numpy as jnp
-
-        lp = 0.0
-        scales = self.prior_scales()
-        for name, (c, sd) in scales.items():
-            i = self.w_names.index(name)
-            lp = lp + _normal_logpdf(w[..., i] - c, sd)
-        for k, names in enumerate(self.blocks):
-            A, e, o, _, _ = self._block((w[..., 3 * k], w[..., 3 * k + 1], w[..., 3 * k + 2]), names)
-            o_lo, o_hi = self._b(names[2])
-            a_lo, a_hi = self._b(names[0])
-            lp = lp + jnp.where((o > o_lo) & (o < o_hi) & (A <= a_hi), 0.0, -jnp.inf)
-            lp = lp + _logit_normal(e, *self._b(names[1]))
-        if self.mode == "laminar_flow":
-            lp = lp + _logit_normal(w[..., 6], *self._b("phi0"))
-        return lp
-
-
-def _logit_normal(value, lo, hi):
-    """log density of a logit-normal variable on (lo, hi) (logit sd PRIOR_SD); -inf outside."""
-    import jax.numpy as jnp
-
-    x = (value - lo) / (hi - lo)
-    ok = (x > 0) & (x < 1)
-    xs = jnp.where(ok, x, 0.5)  # safe value: no NaN reaches the gradient
-    v = jnp.log(xs) - jnp.log1p(-xs)
-    lp = _normal_logpdf(v, PRIOR_SD) - jnp.log(xs) - jnp.log1p(-xs) - np.log(hi - lo)
-    return jnp.where(ok, lp, -jnp.inf)
-
-
-def _sigmoid(v):
-    import jax
-
-    return jax.nn.sigmoid(v)
-
-
-def _logit(x):
-    return float(np.log(x) - np.log1p(-x))
-
-
-def _normal_logpdf(v, sd):
-    return -0.5 * (v / sd) ** 2 - np.log(sd * np.sqrt(2 * np.pi))
-
-
-# ---------------------------------------------------------------- data and likelihood
-
-
-@dataclass
-class ShardData:
-    """The points one shard conditions on, grouped by q.
+class SamplerSettings:
+    """NUTS settings, the same for every shard.
 
     Attributes
     ----------
-    groups : list of dict
-        Per q: ``q`` (1/Å), ``phi`` (n_phi,) deg, ``t1``, ``t2`` (n,) s with t2 > t1,
-        ``yc`` (n_phi, n) c2 minus its per-bin mean, ``bins`` (n_phi,) global bin index.
-    n : ndarray (n_bins,)
-        Points per bin.
-    syy : ndarray (n_bins,)
-        Σ yc² per bin.
+    warmup, samples, chains : int
+        Warm-up iterations, kept draws per chain, chains per shard (>= 1 each).
+    seed : int
+        >= 0; shard k's chains use (seed, k).
+    target_accept : float
+        NUTS's target acceptance probability, 0 < value < 1.
     """
 
-    groups: list
-    n: np.ndarray
-    syy: np.ndarray
+    warmup: int
+    samples: int
+    chains: int
+    seed: int
+    target_accept: float = 0.9
 
-    @property
-    def n_points(self) -> int:
-        return int(self.n.sum())
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Everything a shard task needs besides its points (small; pickled to the worker).
+
+    Attributes
+    ----------
+    index, n_shards : int
+        k and K.
+    name : str
+    coords : Coordinates
+    L : float
+        Gap, Å.
+    var : ndarray (n_bins,)
+        Noise variance per bin (c2 units²), inflation included.
+    w_start : ndarray (p,)
+        Sampling coordinates of the least-squares fit.
+    sampler : SamplerSettings
+    """
+
+    index: int
+    name: str
+    n_shards: int
+    coords: Coordinates
+    L: float
+    var: np.ndarray
+    w_start: np.ndarray
+    sampler: SamplerSettings
 
 
 def tile_lattice(tile, thin: int) -> dict:
@@ -288,7 +77,7 @@ def tile_lattice(tile, thin: int) -> dict:
 
     Parameters
     ----------
-    tile : :class:`~xpcsfit.engine.tiles.TileSpec` (loaded here) or :class:`~xpcsfit.engine.kernel.Tile`
+    tile : :class:`~xpcsfit.engine.kernel.Tile`
     thin : int
 
     Returns
@@ -297,8 +86,6 @@ def tile_lattice(tile, thin: int) -> dict:
     row and column (dataset index // thin), ``t1``, ``t2`` (n,) s, ``y`` (n_phi, n)
     float32 c2.
     """
-    if hasattr(tile, "load"):
-        tile = tile.load()
     size = tile.weight.shape[0]
     rows = np.flatnonzero((tile.start[0] + np.arange(size)) % thin == 0)
     cols = np.flatnonzero((tile.start[1] + np.arange(size)) % thin == 0)
@@ -362,73 +149,6 @@ def shard_data(pieces, index: int, n_shards: int, n_bins: int) -> ShardData:
     return ShardData(groups=groups, n=n, syy=syy)
 
 
-def pair_g1_squared(theta, mode, q, L, phi, t1, t2):
-    """G = g1² at point pairs (t1[i], t2[i]) for every angle: (n_phi, n) (static: (1, n)).
-
-    The same physics as :func:`xpcsfit.model.g1_squared`, on a list of points instead of
-    a grid (a thinned shard is not a grid).
-    """
-    import jax.numpy as jnp
-
-    lt1, lt2 = jnp.log(t1), jnp.log(t2)
-    integral = _model.diffusion_integral(theta[0], theta[1], theta[2], t1, t2, lt1, lt2)
-    E = jnp.exp(-(q * q) * integral)[None]
-    if mode == "static":
-        return E
-    strain = _model.shear_integral(theta[3], theta[4], theta[5], t1, t2, lt1, lt2)
-    cosine = jnp.cos(jnp.deg2rad(theta[6] - phi))[:, None]
-    S = jnp.sinc(0.5 * q * L * cosine * strain[None] / jnp.pi)
-    return E * S * S
-
-
-def log_likelihood(theta, data: ShardData, var: np.ndarray, mode: str, L: float):
-    """Σ over bins of the contrast/offset-marginal Gaussian log likelihood (JAX).
-
-    Parameters
-    ----------
-    theta : array (p,)
-    data : ShardData
-    var : ndarray (n_bins,)
-        Noise variance per bin (c2 units²).
-    """
-    import jax.numpy as jnp
-
-    total = 0.0
-    for g in data.groups:
-        G = jnp.broadcast_to(pair_g1_squared(theta, mode, g["q"], L, g["phi"], g["t1"], g["t2"]),
-                             g["yc"].shape)
-        b = g["bins"]
-        n = data.n[b]
-        sg = G.sum(axis=1)
-        sgg = jnp.maximum((G * G).sum(axis=1) - sg * sg / n, 1e-300)
-        syg = (g["yc"] * G).sum(axis=1)
-        rss = data.syy[b] - syg * syg / sgg
-        total = total + jnp.sum(-0.5 * rss / var[b] - 0.5 * jnp.log(sgg))
-    return total
-
-
-# ---------------------------------------------------------------- the shard task
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Everything a shard task needs besides its tiles (small; pickled to the worker)."""
-
-    index: int
-    name: str
-    n_shards: int
-    coords: Coordinates
-    L: float
-    var: np.ndarray  # (n_bins,)
-    n_bins: int
-    w_start: np.ndarray  # (p,) from the least-squares fit
-    warmup: int
-    samples: int
-    chains: int
-    seed: int
-    target_accept: float = 0.9
-
-
 def log_target(w, spec: ShardSpec, data: ShardData):
     """The shard's log density of w: prior^(1/K) times the shard likelihood."""
     theta = spec.coords.to_theta(w)
@@ -480,10 +200,10 @@ def _starts(spec, data, centre, scale, corr) -> np.ndarray:
     import jax
 
     f = jax.jit(lambda w: log_target(w, spec, data))
-    rng = np.random.default_rng([spec.seed, spec.index])
+    rng = np.random.default_rng([spec.sampler.seed, spec.index])
     chol = np.linalg.cholesky(corr)
     out = []
-    for _ in range(spec.chains):
+    for _ in range(spec.sampler.chains):
         z = rng.normal(0.0, 1.0, size=corr.shape[0]) @ chol.T
         for _ in range(30):
             if np.isfinite(float(f(centre + scale * z))):
@@ -493,20 +213,20 @@ def _starts(spec, data, centre, scale, corr) -> np.ndarray:
     return np.asarray(out)
 
 
-def run_shard(spec: ShardSpec, pieces) -> dict:
+def run_shard(spec: ShardSpec, data: ShardData) -> dict:
     """Worker task: NUTS on one shard; returns its draws and sampler statistics.
 
     Parameters
     ----------
     spec : ShardSpec
-    pieces : list of dict
-        Lattice points of every tile (:func:`tile_lattice`); the shard keeps its own
-        (:func:`shard_of`), each with all its phi (angle-complete).
+    data : ShardData
+        The shard's points (:func:`shard_data`), each with all its phi (angle-complete).
 
     Returns
     -------
     dict with ``w`` and ``theta`` (chains, samples, p), ``diverging`` (chains, samples),
-    ``num_steps`` (chains, samples), step size, points, worker, wall time.
+    ``num_steps`` (chains, samples), ``step_size`` (chains,), ``n_points``, ``worker``,
+    ``wall_time_s``.
     """
     started = time.perf_counter()
     import jax
@@ -517,7 +237,7 @@ def run_shard(spec: ShardSpec, pieces) -> dict:
     from numpyro.infer import MCMC, NUTS
 
     numpyro.enable_x64()
-    data = shard_data(pieces, spec.index, spec.n_shards, spec.n_bins)
+    nuts = spec.sampler
     p = len(spec.coords.names)
     centre, scale, corr = _standardisation(spec, data)
     centre_j, scale_j = jnp.asarray(centre), jnp.asarray(scale)
@@ -528,31 +248,35 @@ def run_shard(spec: ShardSpec, pieces) -> dict:
 
     z0 = _starts(spec, data, centre, scale, corr)
     kernel = NUTS(model, dense_mass=True, inverse_mass_matrix={("z",): jnp.asarray(corr)},
-                  target_accept_prob=spec.target_accept, max_tree_depth=10)
-    mcmc = MCMC(kernel, num_warmup=spec.warmup, num_samples=spec.samples, num_chains=spec.chains,
+                  target_accept_prob=nuts.target_accept, max_tree_depth=10)
+    mcmc = MCMC(kernel, num_warmup=nuts.warmup, num_samples=nuts.samples, num_chains=nuts.chains,
                 chain_method="sequential", progress_bar=False)
-    key = jax.random.PRNGKey(np.uint32(spec.seed * 100_003 + spec.index))
-    init = {"z": jnp.asarray(z0 if spec.chains > 1 else z0[0])}
+    key = jax.random.PRNGKey(np.uint32(nuts.seed * 100_003 + spec.index))
+    init = {"z": jnp.asarray(z0 if nuts.chains > 1 else z0[0])}
     mcmc.run(key, init_params=init, extra_fields=("diverging", "num_steps", "adapt_state.step_size"))
-    z = np.asarray(mcmc.get_samples(group_by_chain=True)["z"]).reshape(spec.chains, spec.samples, p)
+    shape = (nuts.chains, nuts.samples)
+    z = np.asarray(mcmc.get_samples(group_by_chain=True)["z"]).reshape(*shape, p)
     extra = mcmc.get_extra_fields(group_by_chain=True)
     w = centre + scale * z
     theta = np.asarray(jax.vmap(spec.coords.to_theta)(jnp.asarray(w.reshape(-1, p)))).reshape(w.shape)
-    try:
-        from distributed import get_worker
-
-        worker = get_worker().address
-    except (ImportError, ValueError):
-        worker = "local"
     return {
         "index": spec.index,
         "name": spec.name,
         "w": w,
         "theta": theta,
-        "diverging": np.asarray(extra["diverging"]).reshape(spec.chains, spec.samples),
-        "num_steps": np.asarray(extra["num_steps"]).reshape(spec.chains, spec.samples),
-        "step_size": np.asarray(extra["adapt_state.step_size"]).reshape(spec.chains, spec.samples)[:, -1],
+        "diverging": np.asarray(extra["diverging"]).reshape(shape),
+        "num_steps": np.asarray(extra["num_steps"]).reshape(shape),
+        "step_size": np.asarray(extra["adapt_state.step_size"]).reshape(shape)[:, -1],
         "n_points": data.n_points,
-        "worker": worker,
+        "worker": _worker_address(),
         "wall_time_s": time.perf_counter() - started,
     }
+
+
+def _worker_address() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return "local"

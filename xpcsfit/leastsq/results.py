@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib.metadata
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from xpcsfit.errors import InputError
 from xpcsfit.model import shear_rate, transport_coefficient
-from xpcsfit.parameters import UNITS
+from xpcsfit.parameters import MODES, UNITS
 
 CORRELATION_LIMIT = 0.99
 
@@ -154,6 +156,78 @@ class FitResult:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, allow_nan=True)
+
+    @classmethod
+    def from_json(cls, source) -> "FitResult":
+        """The FitResult of a fit.json: its text, or the path of the file.
+
+        The inverse of :meth:`to_dict` / :meth:`to_json`:
+        ``FitResult.from_json(r.to_json()).to_dict() == r.to_dict()``. What fit.json does
+        not hold is derived (``n_points`` = dof + number of covariance names; ``x`` the
+        physics values, then contrast and offset per bin) or None (``start``, ``lower``,
+        ``upper``).
+
+        Parameters
+        ----------
+        source : str or Path
+            JSON text (a str starting with "{") or the path of a fit.json.
+
+        Raises
+        ------
+        InputError
+            No such file, not readable JSON, or a missing key, unknown mode or value of
+            the wrong type or shape (the message names the file and what is wrong).
+        """
+        where = "fit.json text"
+        try:
+            if isinstance(source, str) and source.lstrip().startswith("{"):
+                d = json.loads(source)
+            else:
+                where = str(source)
+                if not Path(source).is_file():
+                    raise InputError(f"{where}: no such fit file")
+                d = json.loads(Path(source).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{where}: not a readable fit.json ({str(exc).splitlines()[0]})") from None
+        try:
+            return cls._from_dict(d)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+            raise InputError(f"{where}: malformed fit.json ({what})") from None
+
+    @classmethod
+    def _from_dict(cls, d: dict) -> "FitResult":
+        mode = d["mode"]
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} unknown")
+        names = list(MODES[mode])
+        params = d["parameters"]
+        pa = d["per_angle"]
+        q, phi = np.asarray(pa["q"], float), np.asarray(pa["phi"], float)
+        shape = (q.size, phi.size)
+
+        def per_angle(key):
+            return np.asarray(pa[key], float).reshape(shape)
+
+        values = np.array([float(params[n]["value"]) for n in names])
+        contrast, offset = per_angle("contrast"), per_angle("offset")
+        cov_names = list(d["covariance"]["names"])
+        return cls(
+            mode=mode, names=names, values=values,
+            stderr=np.array([float(params[n]["stderr"]) for n in names]), q=q, phi=phi,
+            contrast=contrast, offset=offset, contrast_stderr=per_angle("contrast_stderr"),
+            offset_stderr=per_angle("offset_stderr"), residual_rms=per_angle("residual_rms"),
+            covariance=np.asarray(d["covariance"]["matrix"], float).reshape(len(cov_names), len(cov_names)),
+            covariance_names=cov_names, chi2=float(d["chi2"]), reduced_chi2=float(d["reduced_chi2"]),
+            dof=int(d["dof"]), n_points=int(d["dof"]) + len(cov_names), converged=bool(d["converged"]),
+            termination=d["termination"], iterations=int(d["iterations"]), data_passes=int(d["data_passes"]),
+            wall_time_s=float(d["wall_time_s"]),
+            transport={k: np.asarray(v, float) for k, v in d["transport"].items()},
+            warnings=list(d.get("warnings", [])), input=dict(d.get("input") or {}),
+            provenance=dict(d.get("provenance") or {}),
+            x=np.concatenate([values, contrast.ravel(), offset.ravel()]),
+            engine=dict(d.get("engine") or {}), resumed_from=d.get("resumed_from"),
+        )
 
 
 def input_record(ds, n_points: int, L: float) -> dict:
