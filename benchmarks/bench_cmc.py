@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _shared import SHARED_DATA
 
 TRUTH = {"J": 2.0e4, "gamma_dot": 2.0e-4}  # J = 2 D_SE, steady shear (shared/data/README.md)
@@ -35,14 +34,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
 
+    from xpcsfit.cli import main as xpcsfit_main
     from xpcsfit.engine.cluster import local_cluster
-    from xpcsfit.cmc_cli import add_parser, run
     from xpcsfit.model import shear_rate, transport_coefficient
 
     print(f"flow_small q index 8, laminar_flow (7 parameters free); thin {a.thin}, {a.chains} chains × "
           f"({a.warmup} warm-up + {a.samples}) per shard; {a.workers} workers × 1 thread; {os.cpu_count()} cores")
-    parser = argparse.ArgumentParser(prog="xpcsfit")
-    add_parser(parser.add_subparsers(dest="command"))
     t_eval = np.array([5.0, 10.0, 25.0])
     for K in a.shards:
         with tempfile.TemporaryDirectory() as tmp:
@@ -50,11 +47,10 @@ def main() -> None:
             started = time.perf_counter()
             with local_cluster(a.workers) as cluster:
                 address = cluster.scheduler_address
-                args = parser.parse_args([
+                code = xpcsfit_main([
                     "cmc", a.data, "--q-index", "8", "--gap", "2e6", "--shards", str(K), "--thin", str(a.thin),
                     "--warmup", str(a.warmup), "--samples", str(a.samples), "--chains", str(a.chains),
                     "--out", str(out), "--scheduler", address, "--quiet"])
-                code = run(args)
             wall = time.perf_counter() - started
             import json
 

@@ -8,12 +8,12 @@ import pytest
 
 import xpcsfit
 
+from data_paths import SHARED_DATA
+
 # The tests call the model (and simulate, and the kernels) directly: float64 for the
 # whole session, as xpcsfit's own entry points set it (xpcsfit.enable_float64).
 xpcsfit.enable_float64()
 
-# The one definition of where the shared APS files are: beside the checkout.
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")

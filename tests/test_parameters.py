@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from xpcsfit.config import load_config
-from xpcsfit.parameters import DEFAULT_GAP, MODES, GapWarning, ParameterLayout, resolve_gap
+from xpcsfit.parameters import (
+    DEFAULT_GAP,
+    MODES,
+    GapWarning,
+    ParameterLayout,
+    resolve_gap,
+)
 
 
 class _Dataset:

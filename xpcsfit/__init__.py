@@ -21,14 +21,13 @@ __version__ = "0.1.0"
 from xpcsfit.cmc.driver import cmc
 from xpcsfit.cmc.results import CMCResult
 from xpcsfit.config import FitConfig, load_config
+from xpcsfit.errors import ConfigError, InputError, SamplingError, XpcsfitError
 from xpcsfit.io.dataset import open_dataset
-from xpcsfit.errors import ConfigError, InputError, XpcsfitError
+from xpcsfit.io.store import ingest
 from xpcsfit.leastsq.driver import fit
 from xpcsfit.leastsq.results import FitResult
-from xpcsfit.io.store import ingest
 from xpcsfit.model import enable_float64
 from xpcsfit.parameters import GapWarning
-
 
 __all__ = [
     "CMCResult",
@@ -37,6 +36,7 @@ __all__ = [
     "FitResult",
     "GapWarning",
     "InputError",
+    "SamplingError",
     "XpcsfitError",
     "cmc",
     "enable_float64",

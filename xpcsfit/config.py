@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from xpcsfit.errors import ConfigError
 from xpcsfit.parameters import DEFAULT_BOUNDS, MODES, PER_BIN

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from xpcsfit import __version__
+from xpcsfit.errors import ConfigError
 from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.atomic import atomic_write_text
-from xpcsfit.errors import ConfigError
 from xpcsfit.model import c2_model, enable_float64
 from xpcsfit.parameters import DEFAULT_GAP, MODES
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -62,11 +61,9 @@ def test_positive_amplitude_bounds_required(flow_small):
 
 
 def test_cli_parser():
-    from xpcsfit.cmc_cli import add_parser
+    from xpcsfit.cli import build_parser
 
-    parser = argparse.ArgumentParser(prog="xpcsfit")
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
+    parser = build_parser()
     args = parser.parse_args(["cmc", "in.hdf", "--shards", "8", "--warmup", "100", "--samples", "200",
                               "--chains", "3", "--from-fit", "f.json", "--out", "o", "--scheduler",
                               "tcp://h:8786", "--q-index", "8", "--combine", "parametric",

@@ -9,8 +9,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from problems import L, PROBLEMS
 from xpcsfit.engine.evaluator import DaskEvaluator, part_size, tree_sum
+
+from problems import PROBLEMS, L
 
 EVALUATORS = [
     "in-process",

@@ -26,10 +26,9 @@ import pytest
 import xpcsfit
 from xpcsfit.engine.cluster import workers_info
 from xpcsfit.engine.evaluator import DaskEvaluator
-from xpcsfit.parameters import ParameterLayout
-from xpcsfit.parameters import MODES
-from xpcsfit.simulate import simulate
 from xpcsfit.engine.tiles import plan_tiles
+from xpcsfit.parameters import MODES, ParameterLayout
+from xpcsfit.simulate import simulate
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,9 @@ against the dense Jacobian through every evaluator)."""
 import numpy as np
 import pytest
 
-from problems import FLOW_2Q, L, STATIC_1Q, STATIC_2Q
 from xpcsfit.engine.kernel import compiled_variants, tile_block_sums, tile_costs
+
+from problems import FLOW_2Q, STATIC_1Q, STATIC_2Q, L
 
 TWO_Q = [STATIC_2Q, FLOW_2Q]
 
@@ -50,3 +51,9 @@ def test_one_compiled_variant_per_kernel_and_tile_shape():
     assert compiled_variants() - before == 2  # block sums and costs, once each
     tile_block_sums(tiles[0], x * 1.01, layout, problem.mode, L)
     assert compiled_variants() - before == 2
+    # The count agrees with JAX's own cache (private API, so checked here only).
+    from xpcsfit.engine import kernel
+
+    jitted = (kernel._tile_block_sums, kernel._tile_costs, kernel._tile_model)
+    if all(hasattr(f, "_cache_size") for f in jitted):
+        assert sum(f._cache_size() for f in jitted) == compiled_variants()

@@ -1,17 +1,12 @@
-"""What the io tests share: the APS data beside the checkout, small maps, a copy to break."""
+"""What the io tests share: the APS data beside the checkout, small maps."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import h5py
 import numpy as np
-import pytest
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-FLOW = DATA / "flow_small.hdf"
-STATIC = DATA / "static_small.hdf"
+from data_paths import FLOW, STATIC  # noqa: F401  (re-exported for the io tests)
+
 README_PHI = [11.4, 33.8, 56.3, 78.9, 101.3, 123.6, 146.1, 168.6]
 MAPS = "/xpcs/twotime/correlation_map"
 
@@ -31,12 +26,3 @@ def random_maps(cells, n, seed=0):
     """A random (n, n) float32 map in [1, 2) for each cell."""
     rng = np.random.default_rng(seed)
     return {cell: (1.0 + rng.random((n, n))).astype(np.float32) for cell in cells}
-
-
-@pytest.fixture
-def flow_copy(tmp_path):
-    """A writable copy of flow_small.hdf (import the fixture into a test module to use it)."""
-    dst = tmp_path / "flow.hdf"
-    shutil.copy(FLOW, dst)
-    dst.chmod(0o644)
-    return dst

@@ -39,9 +39,17 @@ import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, currently_in_test_context, event, given, settings
+from hypothesis import (
+    HealthCheck,
+    assume,
+    currently_in_test_context,
+    event,
+    given,
+    settings,
+)
 from hypothesis import strategies as st
 
+from xpcsfit.cli import main
 from xpcsfit.config import load_config
 from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.io import apsu, legacy
@@ -49,7 +57,6 @@ from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.legacy import write_legacy
 from xpcsfit.leastsq import driver as _fit
 from xpcsfit.simulate import simulate
-from xpcsfit.cli import main
 
 N_FRAMES = 40
 APSU_MAP_KEYS = [f"{apsu.MAPS}/c2_{i:05d}" for i in range(1, 3)]  # the fitted file: phi 45°, 135°

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from io_helpers import FLOW, h5_maps, random_maps, upper_mask
 from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.dataset import open_dataset
+
+from io_helpers import FLOW, h5_maps, random_maps, upper_mask
 
 
 def test_q_value_selection():
@@ -125,15 +126,9 @@ def test_bad_tile():
         open_dataset(FLOW, q_index=8, tile=0)
 
 
-@pytest.mark.slow
-def test_compute_on_local_cluster_process_worker():
-    from distributed import Client, LocalCluster
-
+def test_compute_on_process_workers(client):
     ds = open_dataset(FLOW, q_index=[4, 8], phi=[33.8, 146.1], frames=(1, 300), tile=128)
-    expected = ds["c2"].values  # threaded scheduler, this process
-    with LocalCluster(
-        n_workers=1, processes=True, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0"
-    ) as cluster, Client(cluster) as client:
-        got = client.compute(ds["c2"].data).result()
+    expected = ds["c2"].compute(scheduler="threads").values  # in this process
+    got = client.compute(ds["c2"].data).result()  # the session's worker processes
     np.testing.assert_array_equal(got, expected)
 

@@ -18,13 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import xpcsfit.leastsq.plots as plots
+from xpcsfit.cli import main
 from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.hdf5 import C2Reader, read_info
 from xpcsfit.model import c2_model
 from xpcsfit.parameters import MODES
 from xpcsfit.simulate import phi_grid, simulate
-from xpcsfit.cli import main
 
 # --------------------------------------------------------------------------- C2Reader
 

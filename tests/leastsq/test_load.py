@@ -7,7 +7,6 @@ import os
 import resource
 import threading
 import time
-import warnings
 
 import numpy as np
 import psutil

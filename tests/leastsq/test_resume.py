@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import xpcsfit
-from problems import STATIC_2Q
 from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.leastsq.checkpoint import Checkpoint, checkpoint_path, digest, fingerprint
 from xpcsfit.solver import Termination, TrustRegionLM
+
+from problems import STATIC_2Q
 
 # ---------------------------------------------------------------------------------
 # Solver level: in-process evaluator, sums deterministic, so equality is exact.

@@ -157,13 +157,13 @@ class Coordinates:
         """θ (…, p) from w (…, p); JAX-traceable."""
         import jax.numpy as jnp
 
-        parts = []
+        columns = []
         for k, names in enumerate(self.blocks):
             A, e, o, _, _ = self._block((w[..., 3 * k], w[..., 3 * k + 1], w[..., 3 * k + 2]), names)
-            parts += [A, e, o]
+            columns += [A, e, o]
         if self.mode == "laminar_flow":
-            parts.append(w[..., 6])
-        return jnp.stack(parts, axis=-1)
+            columns.append(w[..., 6])
+        return jnp.stack(columns, axis=-1)
 
     def from_theta(self, theta, margin: float = 0.02) -> np.ndarray:
         """w of θ (p,), moved inside the bounds (by ``margin`` of each interval).

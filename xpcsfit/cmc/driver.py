@@ -46,22 +46,33 @@ import numpy as np
 
 from xpcsfit.cmc import combine as comb
 from xpcsfit.cmc.noise import MAX_LAG, noise_model, tile_noise_sums
-from xpcsfit.cmc.plan import (CMCRun, InitialFit, Plan, Selection, check_matches, check_options,
-                              defaults_from_fit, initial_fit, make_plan)
+from xpcsfit.cmc.plan import (
+    CMCRun,
+    InitialFit,
+    Plan,
+    Selection,
+    check_matches,
+    check_options,
+    defaults_from_fit,
+    initial_fit,
+    make_plan,
+)
 from xpcsfit.cmc.results import CMCResult, report, summarise, write
-from xpcsfit.cmc.shard import SamplerSettings, ShardSpec, run_shard, shard_data, tile_lattice
+from xpcsfit.cmc.shard import (
+    SamplerSettings,
+    ShardSpec,
+    run_shard,
+    shard_data,
+    tile_lattice,
+)
 from xpcsfit.engine.cluster import dask_client
 from xpcsfit.engine.evaluator import DaskEvaluator
+from xpcsfit.io.result_dir import claim_result_directory
 from xpcsfit.leastsq.driver import fit
-from xpcsfit.io.atomic import claim_result_directory
 from xpcsfit.leastsq.results import FitResult
+from xpcsfit.progress import say
 
 PROGRESS_EVERY_S = 15.0
-
-
-def _say(progress, message: str) -> None:
-    if progress:
-        print(message, flush=True)
 
 
 def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
@@ -132,10 +143,10 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     if initial is not None:
         mode, gap, selection, config = defaults_from_fit(initial, mode, gap, selection, config)
     plan = make_plan(input, selection, mode, gap, config, shards, thin, initial)
-    _say(progress, plan.describe(sampler))
+    say(progress, plan.describe(sampler))
 
     def announce(c):
-        _say(progress, f"xpcsfit cmc: started a LocalCluster, dashboard {c.dashboard_link}")
+        say(progress, f"xpcsfit cmc: started a LocalCluster, dashboard {c.dashboard_link}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
     with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
@@ -143,7 +154,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
             initial = _fit_first(cl, input, selection, plan, config, progress)
         run, results = _sample(cl, plan, initial, sampler, combine, progress)
         result = summarise(results, run)
-        _say(progress, report(result))
+        say(progress, report(result))
         if target is not None:
             result.out = write(target, result, run, started)
         result.summary["wall_time_s"] = time.perf_counter() - started
@@ -155,7 +166,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
 
 def _fit_first(cl, input, selection: Selection, plan: Plan, config, progress) -> InitialFit:
     """Run the least-squares fit of the selection on the cluster."""
-    _say(progress, "xpcsfit cmc: least-squares fit first (initial point, noise level)")
+    say(progress, "xpcsfit cmc: least-squares fit first (initial point, noise level)")
     result = fit(input, **selection.kwargs(), mode=plan.cfg.mode, gap=plan.L, config=config, client=cl,
                  progress=False)
     initial = InitialFit(result, "least-squares fit run by cmc", ran_here=True)
@@ -178,11 +189,11 @@ def _tile_pass(cl, plan: Plan, initial: FitResult) -> tuple[dict, list[dict]]:
     max_lag = max(1, min(MAX_LAG, plan.tiles[0].size // 2))
     evaluator = DaskEvaluator(cl, plan.tiles, layout, mode, plan.L, storage="stream")
     try:
-        parts = evaluator.map_tiles(tile_noise_and_lattice, x, layout, mode, plan.L, max_lag, plan.thin)
+        per_tile = evaluator.map_tiles(tile_noise_and_lattice, x, layout, mode, plan.L, max_lag, plan.thin)
     finally:
         evaluator.close()
-    noise = noise_model([p[0] for p in parts], layout.n_q, layout.n_bins, plan.thin, max_lag)
-    return noise, [p[1] for p in parts]
+    noise = noise_model([p[0] for p in per_tile], layout.n_q, layout.n_bins, plan.thin, max_lag)
+    return noise, [p[1] for p in per_tile]
 
 
 def _noise_line(noise) -> str:
@@ -201,10 +212,10 @@ def _shard_specs(plan: Plan, noise, initial: FitResult, sampler: SamplerSettings
 
 def _sample(cl, plan: Plan, initial: InitialFit, sampler: SamplerSettings, combine: str, progress):
     """The noise pass and the K shard tasks: (the run as it went, the shard results)."""
-    _say(progress, "xpcsfit cmc: start " + ", ".join(
+    say(progress, "xpcsfit cmc: start " + ", ".join(
         f"{n}={v:.5g}" for n, v in zip(plan.coords.names, initial.result.values)))
     noise, pieces = _tile_pass(cl, plan, initial.result)
-    _say(progress, _noise_line(noise))
+    say(progress, _noise_line(noise))
     specs = _shard_specs(plan, noise, initial.result, sampler)
     points = [shard_data(pieces, s.index, s.n_shards, plan.layout.n_bins) for s in specs]
     del pieces  # each shard's points now travel with its task
@@ -239,14 +250,14 @@ def _run_shards(cl, specs, points, progress) -> list[dict]:
                     r = f.result()
                 except Exception as exc:  # after retries: reported, never dropped silently
                     r = {"index": spec.index, "name": spec.name, "error": f"{type(exc).__name__}: {exc}"}
-                    _say(progress, f"xpcsfit cmc: {spec.name} FAILED: {r['error']}")
+                    say(progress, f"xpcsfit cmc: {spec.name} FAILED: {r['error']}")
                 else:
-                    _say(progress, _shard_line(r, spec.coords.names, len(results) + 1, len(specs),
+                    say(progress, _shard_line(r, spec.coords.names, len(results) + 1, len(specs),
                                                time.perf_counter() - t0))
                 results[spec.index] = r
             if not done and pending:
                 running = sum(1 for keys in cl.processing().values() for k in keys if "xpcsfit-cmc-shard" in str(k))
-                _say(progress, f"xpcsfit cmc: {len(results)}/{len(specs)} shards done, {running} running, "
+                say(progress, f"xpcsfit cmc: {len(results)}/{len(specs)} shards done, {running} running, "
                                f"{time.perf_counter() - t0:.0f} s")
     finally:
         cl.cancel(list(futures))

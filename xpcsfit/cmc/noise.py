@@ -68,8 +68,9 @@ def tile_noise_sums(tile, x, layout: ParameterLayout, mode: str, L: float, max_l
     }
 
 
-def noise_model(parts: list[dict], n_q: int, n_bins: int, thin: int, max_lag: int) -> dict:
-    """Per-bin variance and per-q inflation from the per-tile sums.
+def noise_model(tile_sums: list[dict], n_q: int, n_bins: int, thin: int, max_lag: int) -> dict:
+    """Per-bin variance and per-q inflation from the per-tile sums (``tile_sums``:
+    :func:`tile_noise_sums` of every tile).
 
     Returns
     -------
@@ -80,14 +81,14 @@ def noise_model(parts: list[dict], n_q: int, n_bins: int, thin: int, max_lag: in
     """
     ss = np.zeros(n_bins)
     n = np.zeros(n_bins)
-    for p in parts:
+    for p in tile_sums:
         ss[p["bins"]] += p["ss"]
         n[p["bins"]] += p["n"]
     var = ss / np.maximum(n, 1)
     W = int(max_lag)
     num = np.zeros((n_q, 2 * W + 1, 2 * W + 1))
     den = np.zeros((n_q, 2 * W + 1, 2 * W + 1))
-    for p in parts:
+    for p in tile_sums:
         num[p["q_pos"]] += (p["acf"] / var[p["bins"]][:, None, None]).sum(axis=0)
         den[p["q_pos"]] += p["pairs"] * len(p["bins"])
     with np.errstate(invalid="ignore", divide="ignore"):

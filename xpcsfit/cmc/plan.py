@@ -1,6 +1,6 @@
 """What a CMC run conditions on, fixed before any cluster starts.
 
-The options (:func:`sampler_settings`), the least-squares fit the shards start from
+The options (:func:`check_options`), the least-squares fit the shards start from
 (:class:`InitialFit`, and what it decides when not given: :func:`defaults_from_fit`),
 and the :class:`Plan`: configuration, sampling coordinates, the opened selection, its
 tiles and the number of shards K. :class:`CMCRun` is all of it together with the noise
@@ -10,7 +10,6 @@ model, as :mod:`xpcsfit.cmc.results` records it.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,14 +19,11 @@ from xpcsfit.cmc.combine import COMBINE_METHODS
 from xpcsfit.cmc.coordinates import Coordinates
 from xpcsfit.cmc.shard import SamplerSettings
 from xpcsfit.config import FitConfig, load_config
-from xpcsfit.parameters import ParameterLayout
-from xpcsfit.engine.tiles import plan_tiles
+from xpcsfit.engine.tiles import DEFAULT_TILE, plan_tiles
 from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.io.dataset import open_dataset
-from xpcsfit.leastsq.driver import DEFAULT_TILE
-from xpcsfit.parameters import GapWarning
 from xpcsfit.leastsq.results import FitResult
-from xpcsfit.parameters import DEFAULT_GAP, MODES
+from xpcsfit.parameters import MODES, ParameterLayout, resolve_gap
 
 TARGET_POINTS_PER_SHARD = 40_000  # lattice points; ~2-3 ms per gradient on one core
 MIN_POINTS_PER_SHARD = 1_000
@@ -187,7 +183,7 @@ def defaults_from_fit(initial: InitialFit, mode, gap, selection: Selection, conf
     mode = mode or r.mode
     if r.mode != mode:
         raise ConfigError(f"{src}: is a {r.mode} fit, not {mode}")
-    fit_gap = _fit_settings(r).get("gap")
+    fit_gap = (r.input or {}).get("L")  # the gap the fit used, recorded once
     if gap is not None and fit_gap is not None and not math.isclose(gap, fit_gap):
         raise ConfigError(f"{src}: was fitted with gap {fit_gap:.6g} Å, not {gap:.6g} Å")
     gap = gap if gap is not None else fit_gap
@@ -219,12 +215,7 @@ def make_plan(input, selection: Selection, mode, gap, config, shards, thin,
     coords = Coordinates.from_config(cfg)
     thin = DEFAULT_THIN if thin is None else int(thin)
     ds = open_dataset(input, **selection.kwargs())
-    L = cfg.gap if cfg.gap is not None else ds.attrs.get("L")  # a store records its gap
-    if L is None:
-        L = DEFAULT_GAP
-        if cfg.mode == "laminar_flow":
-            warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å (the result files "
-                          "do not record it)", GapWarning, stacklevel=3)  # the caller of cmc
+    L, _ = resolve_gap(cfg, ds, stacklevel=3)  # the warning names the caller of cmc
     n_q, n_phi, n_t = ds.sizes["q"], ds.sizes["phi"], ds.sizes["t1"]
     m = -(-n_t // thin)
     n_lattice = n_q * n_phi * m * (m - 1) // 2

@@ -23,7 +23,7 @@ from xpcsfit.cmc import combine as comb
 from xpcsfit.cmc.coordinates import PRIOR_SD
 from xpcsfit.cmc.plan import CMCRun
 from xpcsfit.errors import SamplingError
-from xpcsfit.io.atomic import result_manifest
+from xpcsfit.io.result_dir import result_manifest
 from xpcsfit.parameters import UNITS
 
 

@@ -136,15 +136,15 @@ def shard_data(pieces, index: int, n_shards: int, n_bins: int) -> ShardData:
     n = np.zeros(n_bins)
     syy = np.zeros(n_bins)
     for iq in sorted(by_q):
-        parts = by_q[iq]
-        first = parts[0][0]
-        y = np.concatenate([p[3] for p in parts], axis=1).astype(float)
+        kept = by_q[iq]
+        first = kept[0][0]
+        y = np.concatenate([p[3] for p in kept], axis=1).astype(float)
         bins = first["bin_start"] + np.arange(y.shape[0])
         yc = y - y.mean(axis=1, keepdims=True)
         n[bins] = y.shape[1]
         syy[bins] = (yc * yc).sum(axis=1)
-        t1 = np.concatenate([p[1] for p in parts])
-        t2 = np.concatenate([p[2] for p in parts])
+        t1 = np.concatenate([p[1] for p in kept])
+        t2 = np.concatenate([p[2] for p in kept])
         groups.append(dict(q=first["q"], phi=first["phi"], t1=t1, t2=t2, yc=yc, bins=bins))
     return ShardData(groups=groups, n=n, syy=syy)
 

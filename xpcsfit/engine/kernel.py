@@ -46,6 +46,16 @@ from xpcsfit.parameters import ParameterLayout
 # that a batch of trial steps never triggers a new compilation.
 COST_BATCH = 4
 
+# Argument signatures (shapes, dtypes, mode) each jitted kernel has been called with in
+# this process: one compiled variant each. Kept here because jax.jit has no public count.
+_SIGNATURES: set[tuple] = set()
+
+
+def _run(kernel, *args, mode: str):
+    """Call a jitted tile kernel, recording its argument signature (see compiled_variants)."""
+    _SIGNATURES.add((kernel.__name__, mode) + tuple((np.shape(a), np.result_type(a).str) for a in args))
+    return kernel(*args, mode=mode)
+
 
 @dataclass(frozen=True)
 class TilePlace:
@@ -238,8 +248,8 @@ def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: st
     enable_float64()
     theta, contrast, offset = layout.split(np.asarray(x, float))
     sl = _bins(tile)
-    A, B, C, g_theta, g_bin, rss = _tile_block_sums(
-        theta, contrast[sl], offset[sl], tile.q, L, tile.phi, tile.t1, tile.t2,
+    A, B, C, g_theta, g_bin, rss = _run(
+        _tile_block_sums, theta, contrast[sl], offset[sl], tile.q, L, tile.phi, tile.t1, tile.t2,
         tile.c2, tile.weight, mode=mode,
     )
     nb, p = layout.n_bins, layout.p
@@ -267,8 +277,8 @@ def tile_costs(tile: Tile, xs: np.ndarray, layout: ParameterLayout, mode: str, L
     out = []
     for b in range(n_batches):
         rows = slice(b * COST_BATCH, (b + 1) * COST_BATCH)
-        out.append(np.asarray(_tile_costs(
-            theta[rows], contrast[rows, sl], offset[rows, sl], tile.q, L, tile.phi,
+        out.append(np.asarray(_run(
+            _tile_costs, theta[rows], contrast[rows, sl], offset[rows, sl], tile.q, L, tile.phi,
             tile.t1, tile.t2, tile.c2, tile.weight, mode=mode,
         )))
     return np.concatenate(out)[:m]
@@ -279,16 +289,15 @@ def tile_model(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: str, L:
     enable_float64()
     theta, contrast, offset = layout.split(np.asarray(x, float))
     sl = _bins(tile)
-    return np.asarray(_tile_model(theta, contrast[sl], offset[sl], tile.q, L, tile.phi,
-                                  tile.t1, tile.t2, mode=mode))
+    return np.asarray(_run(_tile_model, theta, contrast[sl], offset[sl], tile.q, L, tile.phi,
+                           tile.t1, tile.t2, mode=mode))
 
 
 def compiled_variants() -> int:
     """Compiled variants of the tile kernels in this process, cumulative: one per kernel
-    (block sums, costs, model), tile shape and mode."""
-    # jax.jit has no public count of its compiled variants; this is the one place that
-    # relies on the (long-standing) private _cache_size().
-    return sum(f._cache_size() for f in (_tile_block_sums, _tile_costs, _tile_model))
+    (block sums, costs, model), tile shape and mode; counted from the distinct argument
+    signatures the kernels were called with (what jax.jit compiles one variant for)."""
+    return len(_SIGNATURES)
 
 
 def tile_lag_sums(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:

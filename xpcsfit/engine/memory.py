@@ -85,15 +85,15 @@ def shortfall(storage: str, groups: list, workers: list, limits: dict, memory: d
         need = WORKSPACE_FACTOR * one_tile + compile_bytes + held
         if rss + need <= threshold * limit:
             continue
-        parts = [f"{WORKSPACE_FACTOR * one_tile / MiB:.0f} MiB for one tile and its kernel workspace"]
+        needs = [f"{WORKSPACE_FACTOR * one_tile / MiB:.0f} MiB for one tile and its kernel workspace"]
         if compile_bytes:
-            parts.append(f"{compile_bytes / MiB:.0f} MiB to compile the kernels")
+            needs.append(f"{compile_bytes / MiB:.0f} MiB to compile the kernels")
         if held:
-            parts.append(f"{held / MiB:.0f} MiB of held tiles")
+            needs.append(f"{held / MiB:.0f} MiB of held tiles")
         fix = "choose a smaller tile (config tile: / --tile)"
         fix += ", stream the tiles (config memory: stream)" if held else ""
         return (f"tiles of {size} frames × {n_phi} phi need about {need / MiB:.0f} MiB on worker {w} "
-                f"({' + '.join(parts)}), but its memory_limit is {limit / MiB:.0f} MiB, it uses "
+                f"({' + '.join(needs)}), but its memory_limit is {limit / MiB:.0f} MiB, it uses "
                 f"{rss / MiB:.0f} MiB already and stops running tasks at {threshold:.0%} of the "
                 f"limit: {fix} or give the workers a larger memory_limit")
     return None

@@ -23,6 +23,10 @@ import xarray as xr
 from xpcsfit.engine.kernel import Tile, TilePlace
 from xpcsfit.io.finite import require_finite
 
+# Frames per tile edge when neither the config nor a store gives one: 128² × n_phi
+# points keep one tile's kernel workspace in the tens of MiB at 8-24 phi.
+DEFAULT_TILE = 128
+
 
 @dataclass(frozen=True)
 class TileSpec(TilePlace):

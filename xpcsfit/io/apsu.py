@@ -21,8 +21,8 @@ import h5py
 import numpy as np
 
 from xpcsfit.errors import InputError
-from xpcsfit.io.h5writer import MapSource, check_maps, write_file, write_maps
 from xpcsfit.io.h5values import decode, float_vector, int_vector, read
+from xpcsfit.io.h5writer import MapSource, check_maps, write_file, write_maps
 from xpcsfit.io.hdf5 import check_bin_values, sorted_map_names
 
 LAYOUT = "aps-u"

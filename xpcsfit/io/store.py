@@ -27,9 +27,10 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.io import hdf5 as _hdf
 from xpcsfit.io.atomic import atomic_directory
-from xpcsfit.errors import ConfigError, InputError
+from xpcsfit.io.h5values import one_line
 
 STORE_VERSION = 1
 

@@ -13,12 +13,12 @@ import xarray as xr
 from xpcsfit.config import FitConfig, load_config
 from xpcsfit.engine.cluster import dask_client
 from xpcsfit.engine.evaluator import DaskEvaluator, TileEvaluator
-from xpcsfit.engine.tiles import TileSpec, count_points, plan_tiles
+from xpcsfit.engine.tiles import DEFAULT_TILE, TileSpec, count_points, plan_tiles
 from xpcsfit.errors import ConfigError
 from xpcsfit.io.dataset import open_dataset
+from xpcsfit.io.result_dir import claim_result_directory, result_manifest
 from xpcsfit.leastsq.checkpoint import Checkpoint, fingerprint
 from xpcsfit.leastsq.initial import initial_estimates
-from xpcsfit.io.atomic import claim_result_directory, result_manifest
 from xpcsfit.leastsq.output import create_fitted_store, write_fitted_tile
 from xpcsfit.leastsq.results import (
     FitResult,
@@ -39,8 +39,6 @@ from xpcsfit.parameters import (
 )
 from xpcsfit.progress import say
 from xpcsfit.solver import IterationReport, SolverState, TrustRegionLM
-
-DEFAULT_TILE = 128
 
 
 def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
