@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -135,3 +137,25 @@ def test_killing_a_worker_still_gives_a_complete_result(static_file):
     assert r.shard_draws.shape == (4, 2, 150, 3)
     assert r.summary["settings"]["target_accept"] == 0.95
     assert np.all(np.isfinite(r.draws))
+
+
+def test_the_result_does_not_depend_on_the_callers_jax_precision(static_file, client, tmp_path):
+    """cmc switches JAX to float64 itself: called from a fresh interpreter (JAX at its
+    float32 default) it gives bit for bit the draws it gives here, where the session
+    enabled float64 (tests/conftest.py). The starting point and the combination run in
+    the caller's process, so a float32 caller would shift every chain. From a fit.json,
+    so that no least-squares fit (which sets float64 too) runs first."""
+    xpcsfit.fit(static_file, mode="static", client=client, out=tmp_path / "fit", progress=False)
+    opts = dict(mode="static", from_fit=str(tmp_path / "fit"), shards=2, warmup=60, samples=60, chains=1,
+                seed=3, progress=False)
+    here = cmc(static_file, client=client, **opts)
+    address = client.scheduler_info()["address"]
+    script = ("import json, jax, xpcsfit\n"
+              "assert not jax.config.jax_enable_x64\n"
+              f"r = xpcsfit.cmc({str(static_file)!r}, scheduler={address!r}, **{opts!r})\n"
+              "print(json.dumps(r.draws.tolist()))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    fresh = np.array(json.loads(run.stdout.strip().splitlines()[-1]))
+    np.testing.assert_array_equal(fresh, here.draws)
+

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xpcsfit import model as _model  # noqa: F401  (jax_enable_x64 before any array is made)
 from xpcsfit.errors import ConfigError
 from xpcsfit.parameters import MODES
 

@@ -70,6 +70,7 @@ from xpcsfit.engine.evaluator import DaskEvaluator
 from xpcsfit.io.result_dir import claim_result_directory
 from xpcsfit.leastsq.driver import fit
 from xpcsfit.leastsq.results import FitResult
+from xpcsfit.model import enable_float64
 from xpcsfit.progress import say
 
 PROGRESS_EVERY_S = 15.0
@@ -137,6 +138,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         Every shard failed.
     """
     started = time.perf_counter()
+    enable_float64()  # the coordinates and the combination run here, in JAX
     sampler = check_options(shards, warmup, samples, chains, thin, combine, seed, target_accept)
     initial = initial_fit(from_fit) if from_fit is not None else None
     selection = Selection(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt)

@@ -17,6 +17,7 @@ import numpy as np
 
 from xpcsfit.cmc.coordinates import PRIOR_SD, Coordinates
 from xpcsfit.cmc.likelihood import ShardData, log_likelihood
+from xpcsfit.model import enable_float64
 
 
 @dataclass(frozen=True)
@@ -236,7 +237,7 @@ def run_shard(spec: ShardSpec, data: ShardData) -> dict:
     from numpyro.distributions import constraints
     from numpyro.infer import MCMC, NUTS
 
-    numpyro.enable_x64()
+    enable_float64()  # the task may run on a worker without xpcsfit's preload
     nuts = spec.sampler
     p = len(spec.coords.names)
     centre, scale, corr = _standardisation(spec, data)
