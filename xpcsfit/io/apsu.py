@@ -22,7 +22,7 @@ import numpy as np
 
 from xpcsfit.errors import InputError
 from xpcsfit.io.h5values import decode, float_vector, int_vector, read
-from xpcsfit.io.h5writer import MapSource, check_maps, write_file, write_maps
+from xpcsfit.io.h5writer import MapSource, write_result_file
 from xpcsfit.io.hdf5 import check_bin_values, sorted_map_names
 
 LAYOUT = "aps-u"
@@ -121,7 +121,7 @@ def write_aps_u(
     way boost_corr numbers them; ``processed_bins`` holds the 1-based bin of each,
     ``dynamic_index_mapping`` is the identity over the full grid and ``map_names`` is
     [q, phi]. Only the keys that :func:`read_maps` and the time step read are written;
-    maps as :func:`xpcsfit.io.h5writer.write_maps` writes them (upper triangle).
+    maps as :func:`xpcsfit.io.h5writer.write_result_file` writes them (upper triangle).
 
     Parameters
     ----------
@@ -156,10 +156,8 @@ def write_aps_u(
     ConfigError
         Empty ``maps``, bin outside the grid, map of the wrong shape, or T unknown.
     """
-    q_grid, phi_grid, cells, n = check_maps(q_grid, phi_grid, maps, n_frames)
 
-    def fill(f: h5py.File) -> None:
-        write_maps(f, MAPS, "c2", cells, maps, n, compression)
+    def write_keys(f: h5py.File, q_grid, phi_grid, cells) -> None:
         f[BINS] = np.array([iq * phi_grid.size + ip + 1 for iq, ip in cells], np.int64)
         f[Q] = q_grid
         f[PHI] = phi_grid
@@ -172,4 +170,5 @@ def write_aps_u(
         f[FRAME_TIME] = np.float64(frame_time)
         f.attrs.update(dict(attrs or {}))
 
-    return write_file(path, fill)
+    return write_result_file(path, q_grid, phi_grid, maps, n_frames, group=MAPS, prefix="c2",
+                             compression=compression, write_keys=write_keys)

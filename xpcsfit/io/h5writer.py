@@ -1,4 +1,5 @@
-"""What the writers of both layouts share: map validation, the band-wise map writer, the atomic file.
+"""What the writers of both layouts share: :func:`write_result_file` checks the maps,
+writes them band by band and puts the file in place atomically; each layout adds its keys.
 
 Maps are given either as (T, T) arrays or as callables ``band(row_start, row_stop) ->
 (rows, T)``, so that 8000 × 8000 maps can be produced band by band without holding
@@ -23,8 +24,44 @@ MapSource = np.ndarray | Callable[[int, int], np.ndarray]
 _BAND = 256  # rows per write; also the HDF5 chunk side
 
 
+def write_result_file(path: str | Path, q_grid, phi_grid, maps: Mapping[tuple[int, int], MapSource],
+                      n_frames: int | None, *, group: str, prefix: str, compression,
+                      write_keys: Callable[[h5py.File, np.ndarray, np.ndarray, list], None]) -> Path:
+    """Write a two-time result file at ``path`` atomically; return ``path``.
 
-def check_maps(q_grid, phi_grid, maps: Mapping[tuple[int, int], MapSource],
+    Parameters
+    ----------
+    path : str or Path
+    q_grid, phi_grid : array_like, shapes (n_q,), (n_phi,)
+        q (1/Å) and phi (degrees) values that the map bins index.
+    maps : mapping of (q index, phi index) -> array (T, T) or callable
+        See the module docstring.
+    n_frames : int or None
+        T; required when every map is a callable.
+    group, prefix : str
+        The maps are written as ``group/PREFIX_00001``, … in ascending (q, phi) order.
+    compression : str or None
+        h5py compression filter of the maps.
+    write_keys : callable
+        ``write_keys(f, q_grid, phi_grid, cells)`` writes the layout's other keys;
+        ``cells`` are the maps' bins in the order written, q_grid and phi_grid float64.
+
+    Raises
+    ------
+    ConfigError
+        Empty ``maps``, a bin outside the grid, a map or band of the wrong shape, or T
+        unknown.
+    """
+    q_grid, phi_grid, cells, n = _check_maps(q_grid, phi_grid, maps, n_frames)
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            _write_maps(f, group, prefix, cells, maps, n, compression)
+            write_keys(f, q_grid, phi_grid, cells)
+    return path
+
+
+def _check_maps(q_grid, phi_grid, maps: Mapping[tuple[int, int], MapSource],
                n_frames: int | None) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]], int]:
     """Validate what a writer is given.
 
@@ -63,16 +100,7 @@ def check_maps(q_grid, phi_grid, maps: Mapping[tuple[int, int], MapSource],
     return q_grid, phi_grid, cells, int(n_frames)
 
 
-def write_file(path: str | Path, fill: Callable[[h5py.File], None]) -> Path:
-    """Write a new HDF5 file with ``fill(f)`` and put it at ``path`` atomically; return ``path``."""
-    path = Path(path)
-    with atomic_file(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            fill(f)
-    return path
-
-
-def write_maps(f: h5py.File, group: str, prefix: str, cells, maps: Mapping[tuple[int, int], MapSource],
+def _write_maps(f: h5py.File, group: str, prefix: str, cells, maps: Mapping[tuple[int, int], MapSource],
                n: int, compression) -> None:
     """Write the maps of ``cells`` as ``group/PREFIX_00001``, … in that order, upper triangle only.
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from xpcsfit.errors import InputError
 from xpcsfit.io.h5values import float_vector
-from xpcsfit.io.h5writer import MapSource, check_maps, write_file, write_maps
+from xpcsfit.io.h5writer import MapSource, write_result_file
 from xpcsfit.io.hdf5 import check_bin_values, sorted_map_names
 
 LAYOUT = "legacy"
@@ -120,10 +120,8 @@ def write_legacy(
     ConfigError
         As for :func:`xpcsfit.io.apsu.write_aps_u`.
     """
-    q_grid, phi_grid, cells, n = check_maps(q_grid, phi_grid, maps, n_frames)
 
-    def fill(f: h5py.File) -> None:
-        write_maps(f, MAPS, "g2", cells, maps, n, compression)
+    def write_keys(f: h5py.File, q_grid, phi_grid, cells) -> None:
         f[Q] = q_grid[[iq for iq, _ in cells]][None, :]
         f[PHI] = phi_grid[[ip for _, ip in cells]][None, :]
         f[EXPOSURE] = np.full((1, 1), exposure_period, np.float64)
@@ -132,4 +130,5 @@ def write_legacy(
         if stride_frames is not None:
             f[STRIDE] = np.full((1, 1), stride_frames, np.int64)
 
-    return write_file(path, fill)
+    return write_result_file(path, q_grid, phi_grid, maps, n_frames, group=MAPS, prefix="g2",
+                             compression=compression, write_keys=write_keys)
