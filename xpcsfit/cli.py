@@ -159,12 +159,14 @@ def _run_simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xpcsfit", description=__doc__.splitlines()[0])
+    """The ``xpcsfit`` parser: one subcommand per runner of :data:`_RUNNERS`."""
+    parser = argparse.ArgumentParser(
+        prog="xpcsfit", description="Fit XPCS two-time correlation data (c2) on a Dask cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
     _fit_parser(sub)
+    _cmc_parser(sub)
     _ingest_parser(sub)
     _simulate_parser(sub)
-    _cmc_parser(sub)
     return parser
 
 
