@@ -1,7 +1,7 @@
 """Single-process peers of benchmark B1: ``scipy.optimize.least_squares`` and nlsq.
 
 Both fit exactly the points xpcsfit fits (t2 > t1 in the selected frames, every
-(q, phi) bin) with the same JAX model (:func:`xpcsfit._model.c2_model`), from the same
+(q, phi) bin) with the same JAX model (:func:`xpcsfit.model.c2_model`), from the same
 start and within the same bounds, with the residual
 
     r = c2_model(theta, contrast_k, offset_k, t1, t2) - c2        one entry per point
@@ -144,8 +144,10 @@ def residual_function(problem):
     import jax
     import jax.numpy as jnp
 
-    from xpcsfit._model import c2_model  # also enables float64
-    from xpcsfit._parameters import MODES
+    from xpcsfit.model import c2_model, enable_float64
+    from xpcsfit.parameters import MODES
+
+    enable_float64()  # the peers fit in float64, as xpcsfit does
 
     mode, L = problem["mode"], problem["L"]
     q, phi, t = problem["q"], problem["phi"], problem["t"]

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _shared import SHARED_DATA
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "flow_small.hdf"
 TRUTH = {"J": 2.0e4, "gamma_dot": 2.0e-4}  # J = 2 D_SE, steady shear (shared/data/README.md)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(DATA if DATA.exists() else "/work/shared/data/flow_small.hdf"))
+    ap.add_argument("--data", default=str(SHARED_DATA / "flow_small.hdf"))
     ap.add_argument("--shards", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--thin", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=500)
@@ -34,13 +34,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args()
 
-    from xpcsfit._cluster import local_cluster
-    from xpcsfit._cmc_cli import add_parser, run
+    from xpcsfit.cli import main as xpcsfit_main
+    from xpcsfit.engine.cluster import local_cluster
+    from xpcsfit.model import shear_rate, transport_coefficient
 
     print(f"flow_small q index 8, laminar_flow (7 parameters free); thin {a.thin}, {a.chains} chains × "
           f"({a.warmup} warm-up + {a.samples}) per shard; {a.workers} workers × 1 thread; {os.cpu_count()} cores")
-    parser = argparse.ArgumentParser(prog="xpcsfit")
-    add_parser(parser.add_subparsers(dest="command"))
     t_eval = np.array([5.0, 10.0, 25.0])
     for K in a.shards:
         with tempfile.TemporaryDirectory() as tmp:
@@ -48,11 +47,10 @@ def main() -> None:
             started = time.perf_counter()
             with local_cluster(a.workers) as cluster:
                 address = cluster.scheduler_address
-                args = parser.parse_args([
+                code = xpcsfit_main([
                     "cmc", a.data, "--q-index", "8", "--gap", "2e6", "--shards", str(K), "--thin", str(a.thin),
                     "--warmup", str(a.warmup), "--samples", str(a.samples), "--chains", str(a.chains),
                     "--out", str(out), "--scheduler", address, "--quiet"])
-                code = run(args)
             wall = time.perf_counter() - started
             import json
 
@@ -61,10 +59,8 @@ def main() -> None:
 
             post = xr.open_zarr(out / "posterior.zarr", consolidated=False)
             draws = post["draws"].values.reshape(-1, post.sizes["parameter"])
-        names = list(post["parameter"].values)
-        p = dict(zip(names, draws.T))
-        J = p["D0"][:, None] * t_eval ** p["alpha"][:, None] + p["D_offset"][:, None]
-        g = p["gamma_dot_t0"][:, None] * t_eval ** p["beta"][:, None] + p["gamma_dot_t_offset"][:, None]
+        theta = draws.T[:, :, None]  # (p, S, 1): parameter i of every draw is theta[i]
+        J, g = transport_coefficient(theta, t_eval), shear_rate(theta, t_eval)
         print(f"\n=== K = {K}: wall time {wall:.1f} s (cluster start + LSQ fit + shards + combination + "
               f"outputs; exit code {code}) ===")
         for sh in s["shards"]:

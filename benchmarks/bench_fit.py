@@ -17,9 +17,11 @@ import time
 import warnings
 from pathlib import Path
 
+from _shared import SHARED_DATA  # benchmarks/ is sys.path[0] when run as a script
+
 import xpcsfit
-from xpcsfit._cluster import local_cluster
-from xpcsfit._simulate import simulate
+from xpcsfit.engine.cluster import local_cluster
+from xpcsfit.simulate import simulate
 
 
 def peak_rss_mib() -> float:
@@ -30,8 +32,7 @@ def peak_rss_mib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--data", type=Path,
-                        default=Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
     args = parser.parse_args()
     warnings.simplefilter("ignore", xpcsfit.GapWarning)
     from distributed import Client

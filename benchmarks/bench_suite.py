@@ -41,9 +41,9 @@ import _peers  # noqa: E402
 import cloudpickle  # noqa: E402
 
 import xpcsfit  # noqa: E402
-from xpcsfit._cluster import local_cluster  # noqa: E402
-from xpcsfit._parameters import DEFAULT_GAP  # noqa: E402
-from xpcsfit._simulate import truth_path  # noqa: E402
+from xpcsfit.engine.cluster import local_cluster  # noqa: E402
+from xpcsfit.parameters import DEFAULT_GAP  # noqa: E402
+from xpcsfit.simulate import truth_path  # noqa: E402
 
 # The workers cannot import benchmarks/_peers.py: ship its functions by value.
 cloudpickle.register_pickle_by_value(_peers)

@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+import xpcsfit
+
+from data_paths import SHARED_DATA
+
+# The tests call the model (and simulate, and the kernels) directly: float64 for the
+# whole session, as xpcsfit's own entry points set it (xpcsfit.enable_float64).
+xpcsfit.enable_float64()
+
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +28,7 @@ def client():
     """A 2-worker LocalCluster on 127.0.0.1, shared by the tests of the session."""
     from distributed import Client
 
-    from xpcsfit._cluster import local_cluster
+    from xpcsfit.engine.cluster import local_cluster
 
     with local_cluster(2) as cluster, Client(cluster) as c:
         yield c
@@ -30,7 +37,7 @@ def client():
 @pytest.fixture(scope="session")
 def small_flow_file(tmp_path_factory) -> Path:
     """A simulated laminar_flow APS-U file: 1 q × 4 phi × 160 frames, noise 0.01."""
-    from xpcsfit._simulate import simulate
+    from xpcsfit.simulate import simulate
 
     path = tmp_path_factory.mktemp("sim") / "small_flow.hdf"
     return simulate(path, q=(0.0055,), n_phi=4, n_frames=160, noise=0.01, seed=3)

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from xpcsfit._aps_writer import write_aps_u
+from xpcsfit.io.apsu import write_aps_u
 
 
 def run(*args, cwd=None):

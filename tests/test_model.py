@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from xpcsfit._model import (
+from xpcsfit.model import (
     c2_model,
     exprel,
     g1_squared,
     g1_squared_with_jacobian,
     power_integral,
+    shear_rate,
+    transport_coefficient,
 )
-from xpcsfit._parameters import MODES
+from xpcsfit.parameters import MODES
 
 
 @pytest.mark.parametrize("a", [-1.7, -1.0, -1.0 + 1e-7, -0.3, 0.0, 0.8, 1.9])
@@ -79,9 +81,11 @@ def test_chain_rule_jacobian_equals_forward_mode(mode):
     np.testing.assert_allclose(np.asarray(dG) / scale, np.asarray(dG_ref) / scale, atol=1e-12)
 
 
-def test_gradients_do_not_vanish_at_zero_shear():
-    # At gamma_dot = 0 exactly, ∂G/∂gamma_dot_t0 is 0 by symmetry (sinc is even), but the
-    # second-order information is still there: no clip or floor flattens the model.
+def test_gradients_do_not_vanish_at_small_shear():
+    # A small shear rate (gamma_dot_t0 = 1e-4 1/s, alpha = beta = 0, no offsets): every
+    # parameter still moves G, shear and phi0 included; no clip or floor flattens the
+    # model there. (At gamma_dot = 0 exactly the shear derivatives vanish by symmetry:
+    # sinc is even.)
     theta = jnp.array([2e4, 0.0, 0.0, 1e-4, 0.0, 0.0, 6.0])
     phi = jnp.array([10.0])
     t = jnp.array([1.0, 5.0])
@@ -96,3 +100,23 @@ def test_c2_model_contrast_offset():
                   jnp.zeros(1), t, t)
     assert float(c2[0, 0, 0]) == pytest.approx(1.4)
     assert float(c2[0, 0, 1]) == pytest.approx(1.1 + 0.3 * np.exp(-(0.005**2) * 2e4 * 1.0))
+
+
+def test_transport_coefficient_and_shear_rate_are_the_power_laws():
+    theta = np.array([2e4, 0.3, 500.0, 2e-4, -0.2, 1e-5, 6.0])
+    t = np.array([0.5, 5.0, 25.0])
+    np.testing.assert_array_equal(transport_coefficient(theta, t), 2e4 * t**0.3 + 500.0)
+    np.testing.assert_array_equal(shear_rate(theta, t), 2e-4 * t**-0.2 + 1e-5)
+    # the same function under JAX (plain arithmetic)
+    np.testing.assert_allclose(transport_coefficient(jnp.asarray(theta), jnp.asarray(t)),
+                               transport_coefficient(theta, t), rtol=1e-15)
+
+
+def test_import_sets_no_jax_option_and_enable_float64_does():
+    import subprocess
+    import sys
+
+    code = ("import jax, xpcsfit; a = jax.config.jax_enable_x64; xpcsfit.enable_float64(); "
+            "import jax.numpy as jnp; print(a, jax.config.jax_enable_x64, jnp.ones(1).dtype)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", "float64"]

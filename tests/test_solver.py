@@ -1,11 +1,18 @@
-"""The bounded Levenberg–Marquardt solver, on its own and against scipy."""
+"""The bounded Levenberg–Marquardt solver, on its own and against scipy, over the
+problem set (tests/problems.py) with the in-process evaluator."""
+
+import json
 
 import numpy as np
 import pytest
 from scipy.optimize import least_squares, lsq_linear
 
-from helpers import bounds, dense_jacobian, dense_residual, in_process, start, synthetic_dataset
-from xpcsfit._solver import NormalEquations, TrustRegionLM, solve_box_qp
+from xpcsfit.boxqp import solve_box_qp
+from xpcsfit.config import SolverOptions
+from xpcsfit.engine.sums import NormalEquations
+from xpcsfit.solver import Termination, TrustRegionLM, TrustRegionOptions
+
+from problems import PROBLEMS, STATIC_2Q
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -48,28 +55,54 @@ def test_rosenbrock_with_active_bound():
     assert state.x[0] == pytest.approx(0.8)
 
 
-@pytest.mark.parametrize("mode", ["static", "laminar_flow"])
-def test_final_cost_equals_scipy_least_squares(mode):
-    # Identifiable problem (alpha = 0.3, D_offset ≠ 0); same start, bounds and model.
-    ds = synthetic_dataset(mode)
-    ev, layout = in_process(ds, mode)
-    x0 = start(layout, mode)
-    lo, hi = bounds(layout)
-    state = TrustRegionLM(lo, hi).solve(ev, x0)
-    residual = dense_residual(ds, mode, layout)
-    ref = least_squares(lambda x: np.asarray(residual(x)), x0,
-                        jac=lambda x: dense_jacobian(residual, x), bounds=(lo, hi),
-                        x_scale="jac", method="trf", ftol=1e-12, xtol=1e-12, gtol=1e-12)
-    assert state.converged, state.termination
-    assert state.ne.cost == pytest.approx(ref.cost, rel=1e-6)
+@pytest.mark.parametrize("problem", PROBLEMS, ids=str)
+def test_final_cost_equals_scipy_least_squares(problem):
+    # Identifiable problems (alpha = 0.3, D_offset ≠ 0); same start, bounds and model.
+    lo, hi = problem.bounds
+    solver = TrustRegionLM(lo, hi)
+    state = solver.solve(problem.in_process(), problem.start)
+    assert state.converged, solver.message(state)
+    assert state.ne.cost == pytest.approx(problem.scipy_solution.cost, rel=1e-6)
     # A rejected step costs a cost pass, never a normal-equations pass.
     assert state.normal_passes == state.iteration + 1
+    assert solver.terminate(state) == (True, state.termination)
 
 
-def test_nonconvergence_is_reported_honestly():
-    ds = synthetic_dataset("static")
-    ev, layout = in_process(ds, "static")
-    lo, hi = bounds(layout)
-    state = TrustRegionLM(lo, hi, max_iterations=1).solve(ev, start(layout, "static"))
-    assert not state.converged
-    assert "max_iterations" in state.termination
+@pytest.mark.parametrize("problem", PROBLEMS, ids=str)
+def test_nonconvergence_is_reported_honestly(problem):
+    lo, hi = problem.bounds
+    solver = TrustRegionLM(lo, hi, max_iterations=1)
+    state = solver.solve(problem.in_process(), problem.start)
+    assert state.termination is Termination.MAX_ITERATIONS and not state.converged
+    assert solver.message(state) == "reached max_iterations=1 (not converged)"
+
+
+def test_termination_messages_name_the_tolerance_that_applied():
+    options = TrustRegionOptions(ftol=1e-9, xtol=1e-11, gtol=1e-7, max_iterations=7)
+    messages = {t: t.message(options) for t in Termination}
+    assert messages[Termination.FTOL] == "relative cost reduction below ftol=1e-09"
+    assert messages[Termination.XTOL] == "scaled step below xtol=1e-11"
+    assert messages[Termination.GTOL] == "gradient below gtol=1e-07"
+    assert messages[Termination.NO_REDUCTION] == "no reduction possible within floating-point precision"
+    assert "even at damping 1e+16" in messages[Termination.DAMPING_LIMIT]
+    assert {t for t in Termination if not t.converged} == {Termination.MAX_ITERATIONS, Termination.DAMPING_LIMIT}
+    assert all("not converged" in m for t, m in messages.items() if not t.converged)
+
+
+def test_config_defaults_are_the_solver_defaults():
+    assert SolverOptions().model_dump() == {
+        k: getattr(TrustRegionOptions(), k) for k in ("max_iterations", "ftol", "xtol", "gtol")}
+
+
+def test_init_step_terminate_on_an_explicit_state():
+    # The state is a value: stepping a copy leaves the original usable, and a state that
+    # went through JSON steps the same way.
+    lo, hi = STATIC_2Q.bounds
+    ev = STATIC_2Q.in_process()
+    solver = TrustRegionLM(lo, hi)
+    state = solver.init(ev, STATIC_2Q.start)
+    assert solver.terminate(state) == (False, None) and solver.message(state) == ""
+    one = solver.step(ev, state)
+    again = solver.step(ev, state)
+    assert np.array_equal(one.x, again.x) and one.iteration == again.iteration == 1
+    assert json.loads(json.dumps(one.saved()))["termination"] is None

@@ -6,20 +6,28 @@ Public API (everything else is private and may move):
 - :func:`open_dataset` — a lazy xarray view of two-time maps.
 - :func:`ingest` — write a Zarr store aligned to angle strata.
 - :func:`cmc` — posterior by Consensus Monte Carlo, NUTS shards on Dask.
+- :func:`enable_float64` — switch JAX to float64 in this process (see below).
 - :class:`FitResult`, :class:`CMCResult`, :class:`FitConfig`, and the errors.
+
+Float64: the model and the kernels need JAX in float64. ``import xpcsfit`` changes no
+JAX setting; :func:`enable_float64` sets ``jax_enable_x64`` for the whole process, and
+xpcsfit calls it wherever its JAX code runs: in :func:`fit` and :func:`cmc`, in every
+tile-kernel entry point, in the in-process evaluator and in the Dask worker preload. Call
+it yourself before using ``xpcsfit.model`` directly.
 """
 
 __version__ = "0.1.0"
 
-from ._cmc import cmc
-from ._cmc_summary import CMCResult
-from ._config import FitConfig, load_config
-from ._dataset import open_dataset
-from ._errors import ConfigError, InputError, XpcsfitError
-from ._fit import GapWarning, fit
-from ._results import FitResult
-from ._store import ingest
-
+from xpcsfit.cmc.driver import cmc
+from xpcsfit.cmc.results import CMCResult
+from xpcsfit.config import FitConfig, load_config
+from xpcsfit.errors import ConfigError, InputError, SamplingError, XpcsfitError
+from xpcsfit.io.dataset import open_dataset
+from xpcsfit.io.store import ingest
+from xpcsfit.leastsq.driver import fit
+from xpcsfit.leastsq.results import FitResult
+from xpcsfit.model import enable_float64
+from xpcsfit.parameters import GapWarning
 
 __all__ = [
     "CMCResult",
@@ -28,8 +36,10 @@ __all__ = [
     "FitResult",
     "GapWarning",
     "InputError",
+    "SamplingError",
     "XpcsfitError",
     "cmc",
+    "enable_float64",
     "fit",
     "ingest",
     "load_config",

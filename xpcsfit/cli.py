@@ -1,7 +1,8 @@
-"""The ``xpcsfit`` command: fit, ingest, simulate (and cmc).
+"""The ``xpcsfit`` command: one parser for fit, cmc, ingest and simulate.
 
 Every :class:`~xpcsfit.XpcsfitError` ends as one line on stderr and a non-zero exit
-code (2 input, 3 configuration); a traceback means a bug in xpcsfit.
+code (2 input, 3 configuration, 5 sampling); a traceback means a bug in xpcsfit. A fit
+that stops unconverged exits 4, a CMC run with a shard failing its diagnostics 5.
 """
 
 from __future__ import annotations
@@ -11,14 +12,35 @@ import sys
 import warnings
 from pathlib import Path
 
-from . import _cmc_cli
-from ._cli_args import add_selection
-from ._errors import XpcsfitError
+from xpcsfit.errors import XpcsfitError
+
+
+def _add_selection(p) -> None:
+    """INPUT, --q / --q-index / --all-q, --phi, --frames and --dt: the keyword names of
+    :func:`xpcsfit.open_dataset`, shared by ``fit`` and ``cmc``."""
+    p.add_argument("input", help="APS-U / legacy HDF5 result file, or a store from `xpcsfit ingest`")
+    sel = p.add_mutually_exclusive_group()
+    sel.add_argument("--q", type=float, nargs="+", metavar="VALUE", help="q value(s), 1/Å (nearest bin)")
+    sel.add_argument("--q-index", type=int, nargs="+", metavar="K",
+                     help="position(s) in the file's q grid (/xpcs/qmap/dynamic_v_list_dim0)")
+    sel.add_argument("--all-q", action="store_true", help="every q with two-time maps (the default)")
+    p.add_argument("--phi", type=float, nargs="+", metavar="DEG", help="subset of phi bins, degrees")
+    p.add_argument("--frames", type=int, nargs=2, metavar=("A", "B"), help="inclusive frame range")
+    p.add_argument("--dt", type=float, help="override the file's time step, s")
+
+
+def _selection(args) -> dict:
+    return dict(q=args.q, q_index=args.q_index, phi=args.phi,
+                frames=tuple(args.frames) if args.frames else None, dt=args.dt)
+
+
+def _default_out(args, suffix: str) -> Path:
+    return Path(args.out) if args.out else Path.cwd() / f"{Path(args.input).name.split('.')[0]}_{suffix}"
 
 
 def _fit_parser(sub):
     p = sub.add_parser("fit", help="fit the homodyne model to an HDF5 result file or store")
-    add_selection(p)
+    _add_selection(p)
     p.add_argument("--mode", help="static or laminar_flow (default laminar_flow)")
     p.add_argument("--gap", type=float, metavar="L_ANGSTROM", help="gap L, Å (default 2.0e6, with a warning)")
     p.add_argument("--config", help="YAML file of fit settings (bounds, initial values, solver)")
@@ -31,15 +53,13 @@ def _fit_parser(sub):
 
 
 def _run_fit(args) -> int:
-    from ._fit import fit
+    from xpcsfit.leastsq.driver import fit
 
-    out = Path(args.out) if args.out else Path.cwd() / f"{Path(args.input).name.split('.')[0]}_fit"
-    result = fit(args.input, q=args.q, q_index=args.q_index, phi=args.phi,
-                 frames=tuple(args.frames) if args.frames else None, dt=args.dt, mode=args.mode,
-                 gap=args.gap, config=args.config, out=out, scheduler=args.scheduler, tile=args.tile,
+    out = _default_out(args, "fit")
+    result = fit(args.input, **_selection(args), mode=args.mode, gap=args.gap, config=args.config, out=out, scheduler=args.scheduler, tile=args.tile,
                  resume=args.resume)
     print(f"\n{'parameter':<20}{'value':>14}{'stderr':>12}  unit")
-    from ._parameters import UNITS
+    from xpcsfit.parameters import UNITS
 
     for name, v, s in zip(result.names, result.values, result.stderr):
         print(f"{name:<20}{v:>14.6g}{s:>12.3g}  {UNITS[name]}")
@@ -47,6 +67,57 @@ def _run_fit(args) -> int:
           f"{result.data_passes} data passes, {result.wall_time_s:.1f} s; converged: {result.converged}")
     print(f"results in {out}")
     return 0 if result.converged else 4
+
+
+def _cmc_parser(sub):
+    p = sub.add_parser(
+        "cmc", help="posterior by Consensus Monte Carlo: NUTS shards on Dask, combined",
+        description="Bayesian uncertainties: K angle-complete shards of the data, each one NumPyro "
+                    "NUTS task on the Dask cluster (prior raised to 1/K), combined by consensus "
+                    "Monte Carlo (Scott et al. 2016).")
+    _add_selection(p)
+    p.add_argument("--mode", help="static or laminar_flow (default: the fit's, else laminar_flow)")
+    p.add_argument("--gap", type=float, metavar="L_ANGSTROM", help="gap L, Å (default: the fit's, else 2.0e6)")
+    p.add_argument("--config", help="YAML file of fit settings (bounds; used by the least-squares fit too)")
+    p.add_argument("--shards", type=int, metavar="K", help="number of shards (default: from the data size)")
+    p.add_argument("--warmup", type=int, default=500, metavar="N", help="NUTS warm-up iterations (default 500)")
+    p.add_argument("--samples", type=int, default=500, metavar="N", help="draws per chain (default 500)")
+    p.add_argument("--chains", type=int, default=2, metavar="C", help="chains per shard (default 2)")
+    p.add_argument("--thin", type=int, metavar="S",
+                   help="condition on every S-th frame in t1 and t2 (default 2)")
+    p.add_argument("--combine", default="consensus", choices=("consensus", "parametric"),
+                   help="sample-wise consensus (default) or the Gaussian product of the shards")
+    p.add_argument("--from-fit", metavar="FIT_JSON",
+                   help="fit.json (or its directory) to start from; default: run the least-squares fit first")
+    p.add_argument("--target-accept", type=float, default=0.9, metavar="P",
+                   help="NUTS target acceptance probability (default 0.9; raise it to 0.95 or 0.98 "
+                        "when shards report divergent transitions)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="result directory (default ./<input name>_cmc)")
+    p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _run_cmc(args) -> int:
+    """Run ``xpcsfit cmc``; 0 when every shard passed its diagnostics, 5 otherwise."""
+    from xpcsfit.cmc.driver import cmc
+
+    out = _default_out(args, "cmc")
+    result = cmc(args.input, **_selection(args), mode=args.mode, gap=args.gap, config=args.config, shards=args.shards, warmup=args.warmup,
+                 samples=args.samples, chains=args.chains, thin=args.thin, combine=args.combine,
+                 from_fit=args.from_fit, seed=args.seed, target_accept=args.target_accept, out=out,
+                 scheduler=args.scheduler, progress=not args.quiet)
+    s = result.summary
+    if args.quiet:  # the progress lines already carry the table otherwise
+        print(f"{'parameter':<20}{'mean':>14}{'sd':>12}{'q03':>14}{'q97':>14}{'r_hat':>8}{'ess':>7}")
+        for name, p in s["parameters"].items():
+            print(f"{name:<20}{p['mean']:>14.6g}{p['sd']:>12.3g}{p['q03']:>14.6g}{p['q97']:>14.6g}"
+                  f"{p['r_hat']:>8.3f}{p['ess_bulk']:>7.0f}")
+    failing = s["shards_failing_diagnostics"]
+    print(f"{len(s['shards'])} shards, {len(failing)} failing diagnostics"
+          + (f" ({', '.join(failing)}; see summary.json)" if failing else "")
+          + f"; {s['wall_time_s']:.0f} s; results in {out}")
+    return 5 if failing else 0
 
 
 def _ingest_parser(sub):
@@ -58,7 +129,7 @@ def _ingest_parser(sub):
 
 
 def _run_ingest(args) -> int:
-    from ._store import ingest
+    from xpcsfit.io.store import ingest
 
     path, created = ingest(args.input, args.store, tile=args.tile, gap=args.gap)
     print(f"{path}: {'written' if created else 'already ingested from this input; nothing to do'}")
@@ -79,7 +150,7 @@ def _simulate_parser(sub):
 
 
 def _run_simulate(args) -> int:
-    from ._simulate import simulate, truth_path
+    from xpcsfit.simulate import simulate, truth_path
 
     out = simulate(args.out, mode=args.mode, q=args.q, n_phi=args.n_phi, n_frames=args.n_frames,
                    dt=args.dt, gap=args.gap, noise=args.noise, seed=args.seed)
@@ -88,16 +159,18 @@ def _run_simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xpcsfit", description=__doc__.splitlines()[0])
+    """The ``xpcsfit`` parser: one subcommand per runner of :data:`_RUNNERS`."""
+    parser = argparse.ArgumentParser(
+        prog="xpcsfit", description="Fit XPCS two-time correlation data (c2) on a Dask cluster.")
     sub = parser.add_subparsers(dest="command", required=True)
     _fit_parser(sub)
+    _cmc_parser(sub)
     _ingest_parser(sub)
     _simulate_parser(sub)
-    _cmc_cli.add_parser(sub)
     return parser
 
 
-_RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate, "cmc": _cmc_cli.run}
+_RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate, "cmc": _run_cmc}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,120 @@
+"""xpcsfit cmc's options and inputs: refused with one line before any work, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import xpcsfit
+from xpcsfit.cli import main
+from xpcsfit.cmc.driver import cmc
+from xpcsfit.cmc.plan import shard_count
+from xpcsfit.errors import ConfigError, InputError, SamplingError
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shards=0), "shards"),
+    (dict(samples=0), "samples"),
+    (dict(warmup=0), "warmup"),
+    (dict(chains=0), "chains"),
+    (dict(thin=0), "thin"),
+    (dict(samples=2.5), "samples"),
+    (dict(combine="average"), "combine: unknown method 'average'"),
+    (dict(seed=-1), "seed"),
+    (dict(target_accept=1.0), "target_accept"),
+    (dict(target_accept=0), "target_accept"),
+])
+def test_bad_options(flow_small, kwargs, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        cmc(flow_small, q_index=8, progress=False, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_from_fit_missing_or_malformed(flow_small, tmp_path):
+    with pytest.raises(InputError, match="no such fit file"):
+        cmc(flow_small, q_index=8, from_fit=tmp_path / "nope.json", progress=False)
+    bad = tmp_path / "fit.json"
+    bad.write_text("{not json")
+    with pytest.raises(InputError, match="not a readable fit.json"):
+        cmc(flow_small, from_fit=tmp_path, progress=False)  # a directory means its fit.json
+    bad.write_text(json.dumps({"mode": "laminar_flow", "parameters": {"D0": {"value": 1.0}}}))
+    with pytest.raises(InputError, match="malformed fit.json .missing key"):
+        cmc(flow_small, from_fit=bad, progress=False)
+    bad.write_text(json.dumps({"mode": "sheared"}))
+    with pytest.raises(InputError, match="malformed fit.json .mode 'sheared' unknown"):
+        cmc(flow_small, from_fit=bad, progress=False)
+
+
+def test_shard_count_default_and_limit():
+    assert shard_count(250_000, None) == 7  # ~40 000 points per shard
+    assert shard_count(500, None) == 1
+    assert shard_count(250_000, 8) == 8
+    with pytest.raises(ConfigError, match="shards: 300 is too many"):
+        shard_count(250_000, 300)  # fewer than 1 000 points per shard
+
+
+def test_positive_amplitude_bounds_required(flow_small):
+    with pytest.raises(ConfigError, match="bounds.D0: cmc needs a positive lower bound"):
+        cmc(flow_small, q_index=8, gap=2e6, config={"bounds": {"D0": [-1.0, 1e5]}}, progress=False)
+
+
+def test_cli_parser():
+    from xpcsfit.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["cmc", "in.hdf", "--shards", "8", "--warmup", "100", "--samples", "200",
+                              "--chains", "3", "--from-fit", "f.json", "--out", "o", "--scheduler",
+                              "tcp://h:8786", "--q-index", "8", "--combine", "parametric",
+                              "--target-accept", "0.95"])
+    assert (args.shards, args.warmup, args.samples, args.chains) == (8, 100, 200, 3)
+    assert (args.from_fit, args.out, args.scheduler, args.q_index, args.combine) == (
+        "f.json", "o", "tcp://h:8786", [8], "parametric")
+    assert args.target_accept == 0.95
+    with pytest.raises(SystemExit):
+        parser.parse_args(["cmc", "in.hdf", "--combine", "mean"])
+
+
+@pytest.fixture(scope="module")
+def static_fit_json(client, static_file, tmp_path_factory):
+    """fit.json of a least-squares fit of ``static_file``."""
+    out = tmp_path_factory.mktemp("cmc-options") / "fit"
+    xpcsfit.fit(static_file, mode="static", client=client, out=out, progress=False)
+    return out / "fit.json"
+
+
+@pytest.mark.slow
+def test_cli_reports_all_shards_failed_in_one_line(client, static_file, static_fit_json, tmp_path,
+                                                    monkeypatch, capsys):
+    from xpcsfit.cmc import driver  # (xpcsfit.cmc itself is the function)
+
+    def every_shard_fails(cl, specs, points, progress):
+        # What _run_shards reports for a shard whose task failed after its retries.
+        return [{"index": s.index, "name": s.name, "error": "KilledWorker: worker died 3 times"} for s in specs]
+
+    monkeypatch.setattr(driver, "_run_shards", every_shard_fails)
+    out = tmp_path / "cmc"
+    code = main(["cmc", str(static_file), "--mode", "static", "--from-fit", str(static_fit_json), "--shards", "2",
+                 "--warmup", "10", "--samples", "10", "--scheduler", client.scheduler.address,
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == SamplingError.exit_code == 5
+    assert err.strip().splitlines() == [
+        "xpcsfit: error: all 2 cmc shards failed; first error: KilledWorker: worker died 3 times"]
+    assert not out.exists()  # nothing is left behind
+
+
+@pytest.mark.slow
+def test_from_fit_json_gives_the_fit(static_fit_json):
+    """The fit cmc starts from when given fit.json is that fit, value for value."""
+    from xpcsfit.cmc.plan import initial_fit
+
+    initial = initial_fit(static_fit_json.parent)
+    assert initial.source == str(static_fit_json)
+    assert not initial.ran_here
+    saved = json.loads(static_fit_json.read_text())
+    np.testing.assert_array_equal(initial.result.values,
+                                  [saved["parameters"][n]["value"] for n in ("D0", "alpha", "D_offset")])
+    np.testing.assert_array_equal(initial.result.contrast, saved["per_angle"]["contrast"])
+    assert initial.result.input["frames"] == saved["input"]["frames"]

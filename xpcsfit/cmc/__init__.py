@@ -1,0 +1,1 @@
+"""Consensus Monte Carlo: shards, likelihood, NUTS per shard, combination, results."""

@@ -1,0 +1,1 @@
+"""Least-squares fits: the driver, start values, results, output and plots."""
