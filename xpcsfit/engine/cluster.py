@@ -117,15 +117,21 @@ def local_cluster(n_workers: int | None = None, memory_limit="auto", *, host: st
                            dashboard_address=dashboard_address, security=security)
     n = n_workers or max(1, min(8, os.cpu_count() or 1))
     tls = {} if security is None else {"security": security, "protocol": "tls://"}
-    with dask.config.set(WORKER_DASK_CONFIG), warnings.catch_warnings():
-        # A dashboard port taken by another cluster is not the user's concern: the
-        # dashboard moves to a free port, and the fit prints its link.
-        warnings.filterwarnings("ignore", message="Port .* is already in use")
+    with dask.config.set(WORKER_DASK_CONFIG), dashboard_port_may_move():
         return LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, host=host,
             dashboard_address=dashboard_address, memory_limit=memory_limit, env=dict(WORKER_ENV),
             silence_logs=40, preload=[PRELOAD], **tls,
         )
+
+
+@contextlib.contextmanager
+def dashboard_port_may_move():
+    """Silence Dask's warning that the dashboard port is taken: that is not the user's
+    concern, the dashboard moves to a free port and the fit prints its link."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        yield
 
 
 def visible_gpus() -> list[str]:
@@ -169,7 +175,7 @@ def gpu_cluster(gpus: list[str], memory_limit="auto", *, host: str = "127.0.0.1"
         }
         for g in gpus
     }
-    with dask.config.set(WORKER_DASK_CONFIG):
+    with dask.config.set(WORKER_DASK_CONFIG), dashboard_port_may_move():
         return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=40, security=security)
 
 

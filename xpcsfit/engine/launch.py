@@ -20,7 +20,7 @@ import contextlib
 import shlex
 import time
 
-from xpcsfit.engine.cluster import PRELOAD, gpu_cluster, local_cluster, worker_environment
+from xpcsfit.engine.cluster import PRELOAD, dashboard_port_may_move, gpu_cluster, local_cluster, worker_environment
 from xpcsfit.engine.security import CA, CERT, KEY, security
 from xpcsfit.engine.specs import KubernetesSpec, PBSSpec, SlurmSpec
 from xpcsfit.errors import ConfigError
@@ -98,7 +98,8 @@ def make_cluster(spec):
     import dask_jobqueue
 
     cls = dask_jobqueue.SLURMCluster if isinstance(spec, SlurmSpec) else dask_jobqueue.PBSCluster
-    return cls(**jobqueue_options(spec))
+    with dashboard_port_may_move():
+        return cls(**jobqueue_options(spec))
 
 
 def jobqueue_options(spec: SlurmSpec | PBSSpec) -> dict:
