@@ -1,5 +1,8 @@
 """Which Dask client a fit runs on, and the LocalCluster xpcsfit starts by default.
 
+Clusters described by a spec (``--cluster``) are started by :mod:`xpcsfit.engine.launch`
+from :mod:`xpcsfit.engine.specs`; their workers get the same settings as these.
+
 Worker settings: one thread per worker process, XLA's Eigen thread pool off, and the
 JAX backend started with a one-CPU thread pool (:func:`dask_setup`), so that
 n_workers × threads does not exceed the cores (JAX on CPU otherwise runs its kernels

@@ -43,8 +43,8 @@ def cluster_client(spec, on_start=None):
     spec : LocalSpec, GPUSpec, SlurmSpec, PBSSpec or KubernetesSpec
         As returned by :func:`~xpcsfit.engine.specs.load_cluster_spec` (checked).
     on_start : callable(client, what), optional
-        Called once the scheduler is up, before waiting for workers; ``what`` says which
-        cluster was started ("a SLURMCluster (cluster/slurm.yaml: 2 jobs …)").
+        Called once the scheduler is up, before waiting for the first batch job's
+        workers; ``what`` says which cluster was started ("a SLURMCluster (cluster/slurm.yaml: 2 jobs …)").
 
     Raises
     ------
@@ -72,8 +72,11 @@ def cluster_client(spec, on_start=None):
         with Client(cluster) as client:  # the cluster's Security
             if on_start is not None:
                 on_start(client, what)
-            if isinstance(spec, (SlurmSpec, PBSSpec)):
-                client.wait_for_workers(1)  # a queued job may take long: no time limit
+            if isinstance(spec, (SlurmSpec, PBSSpec)) and (spec.jobs or spec.adapt.minimum):
+                # The first job's workers, which start together: the fit spreads its
+                # tiles over the workers it finds. A queued job may take long: no limit.
+                # (adapt from 0: the fit's first tasks make the cluster submit jobs.)
+                client.wait_for_workers(spec.cores)
             yield client
 
 
