@@ -24,11 +24,12 @@ import psutil
 import pytest
 
 import xpcsfit
-from xpcsfit.engine.cluster import workers_info
 from xpcsfit.engine.evaluator import DaskEvaluator
 from xpcsfit.engine.tiles import plan_tiles
 from xpcsfit.parameters import MODES, ParameterLayout
 from xpcsfit.simulate import simulate
+
+from dask_processes import dask_processes, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,59 +38,6 @@ FAR_START = {"D0": 3000.0, "alpha": -0.5, "gamma_dot_t0": 2.0e-3, "phi0": -5.0}
 TILE = 64
 N_PHI = 4
 HANG = 180  # s: a fit here that has not ended by then hangs (they take 3–30 s)
-
-
-@contextlib.contextmanager
-def dask_processes(tmp_dir, n_workers: int, memory_limit: str = "auto", allowed_failures: int = 3):
-    """``dask scheduler`` and ``dask worker`` processes (each worker under a nanny, one
-    thread, xpcsfit's worker environment and preload) as on a cluster; yields a Client.
-
-    Processes rather than a LocalCluster: killed workers come back with new addresses
-    faster than a LocalCluster's bookkeeping follows (its status watcher stops at the
-    first unknown address). The workers share a JAX compilation cache in ``tmp_dir``, so
-    a restarted worker loads the compiled tile kernels instead of compiling them again
-    (about 10 s on this machine).
-    """
-    from distributed import Client
-
-    from xpcsfit.engine.cluster import WORKER_ENV
-
-    env = dict(os.environ, **WORKER_ENV,
-               DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=str(allowed_failures),
-               JAX_COMPILATION_CACHE_DIR=os.path.join(tmp_dir, "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    scheduler_file = os.path.join(tmp_dir, "scheduler.json")
-
-    def start(name, *args):
-        with open(os.path.join(tmp_dir, f"{name}.log"), "wb") as log:
-            return subprocess.Popen([sys.executable, "-m", *args, "--host", "127.0.0.1",
-                                     "--dashboard-address", ":0", "--scheduler-file", scheduler_file],
-                                    env=env, stdout=log, stderr=log)
-
-    # All at once: the workers wait for the scheduler's file.
-    procs = [start("scheduler", "distributed.cli.dask_scheduler", "--port", "0")]
-    try:
-        procs += [start(f"worker-{i}", "distributed.cli.dask_worker", "--nthreads", "1", "--name", str(i),
-                        "--memory-limit", memory_limit, "--preload", "xpcsfit.engine.cluster")
-                  for i in range(n_workers)]
-        assert wait_until(lambda: os.path.exists(scheduler_file), timeout=60), "scheduler did not start"
-        with Client(scheduler_file=scheduler_file, timeout=60) as client:
-            wait_for_workers(client, n_workers)
-            yield client
-    finally:
-        # Killed, not closed (a nanny takes seconds to close): a worker process exits as
-        # soon as its nanny's process is gone.
-        for p in procs:
-            p.kill()
-            p.wait()
-
-
-def wait_for_workers(client, n: int, timeout: float = 120.0) -> None:
-    """Until the scheduler has ``n`` running workers (its own count, asked afresh)."""
-    def running():
-        return sum(w["status"] == "running" for w in workers_info(client).values())
-
-    assert wait_until(lambda: running() >= n, timeout=timeout, step=0.1), f"fewer than {n} workers"
 
 
 @pytest.fixture(scope="module")
@@ -158,15 +106,6 @@ def within(seconds: float, fn, *args, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["value"]
-
-
-def wait_until(condition, timeout=60.0, step=0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
 
 
 def pid_gone(pid: int) -> bool:

@@ -67,6 +67,7 @@ from xpcsfit.cmc.shard import (
 )
 from xpcsfit.engine.cluster import dask_client
 from xpcsfit.engine.evaluator import DaskEvaluator
+from xpcsfit.engine.specs import load_cluster_spec
 from xpcsfit.io.result_dir import claim_result_directory
 from xpcsfit.leastsq.driver import fit
 from xpcsfit.leastsq.results import FitResult
@@ -79,7 +80,7 @@ PROGRESS_EVERY_S = 15.0
 def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
         shards=None, warmup=500, samples=500, chains=2, thin=None, from_fit=None,
         combine="consensus", config=None, dt=None, out=None, client=None, scheduler=None,
-        seed=0, target_accept=0.9, progress=True) -> CMCResult:
+        seed=0, target_accept=0.9, progress=True, cluster=None) -> CMCResult:
     """Posterior of the physics parameters by Consensus Monte Carlo with NUTS shards.
 
     K angle-complete shards, each one NumPyro NUTS task (``client.submit``, retried when
@@ -92,7 +93,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     ----------
     input : str or Path
         APS-U / legacy HDF5 result file, or a store written by ``xpcsfit ingest``.
-    q, q_index, phi, frames, dt, config, client, scheduler
+    q, q_index, phi, frames, dt, config, client, scheduler, cluster
         As for :func:`xpcsfit.fit` (config: bounds, and the least-squares fit's settings).
         Selection default: that of ``from_fit``, else every q with maps, all phi, frames 1 … T-1.
     mode : {"laminar_flow", "static"}, optional
@@ -139,6 +140,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     """
     started = time.perf_counter()
     enable_float64()  # the coordinates and the combination run here, in JAX
+    cluster = None if cluster is None else load_cluster_spec(cluster)
     sampler = check_options(shards, warmup, samples, chains, thin, combine, seed, target_accept)
     initial = initial_fit(from_fit) if from_fit is not None else None
     selection = Selection(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt)
@@ -147,11 +149,11 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     plan = make_plan(input, selection, mode, gap, config, shards, thin, initial)
     say(progress, plan.describe(sampler))
 
-    def announce(c):
-        say(progress, f"xpcsfit cmc: started a LocalCluster, dashboard {c.dashboard_link}")
+    def announce(c, what):
+        say(progress, f"xpcsfit cmc: started {what}, dashboard {c.dashboard_link}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
-    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
+    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce, cluster=cluster) as cl:
         if initial is None:
             initial = _fit_first(cl, input, selection, plan, config, progress)
         run, results = _sample(cl, plan, initial, sampler, combine, progress)

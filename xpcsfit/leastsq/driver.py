@@ -13,6 +13,7 @@ import xarray as xr
 from xpcsfit.config import FitConfig, load_config
 from xpcsfit.engine.cluster import dask_client
 from xpcsfit.engine.evaluator import DaskEvaluator, TileEvaluator
+from xpcsfit.engine.specs import load_cluster_spec
 from xpcsfit.engine.tiles import DEFAULT_TILE, TileSpec, count_points, plan_tiles
 from xpcsfit.errors import ConfigError
 from xpcsfit.io.dataset import open_dataset
@@ -43,7 +44,7 @@ from xpcsfit.solver import IterationReport, SolverState, TrustRegionLM
 
 def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
         config=None, out=None, client=None, scheduler=None, tile=None, dt=None,
-        progress=True, resume=True) -> FitResult:
+        progress=True, resume=True, cluster=None) -> FitResult:
     """Fit the homodyne model to two-time c2 data on a Dask cluster.
 
     Parameters
@@ -65,10 +66,13 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         Directory for fit.json, fitted.zarr and PNGs (replaced atomically). None: write
         nothing.
     client : distributed.Client, optional
-        Default: inside a Dask task the worker's client; else ``scheduler``; else the
-        process's default client; else a new LocalCluster.
+        Default: inside a Dask task the worker's client; else ``scheduler``; else
+        ``cluster``; else the process's default client; else a new LocalCluster.
     scheduler : str, optional
-        Address of a running scheduler.
+        Address of a running scheduler (``tls://``: certificates from Dask's configuration).
+    cluster : str or Path, optional
+        Cluster spec to start for this fit: a YAML file (see cluster/) or one of local,
+        gpu, slurm, pbs, kubernetes (:mod:`xpcsfit.engine.specs`); checked before any work.
     tile : int, optional
         Tile edge in frames (default: the config's, else a store's chunk side, else 128).
     progress : bool
@@ -95,15 +99,16 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     """
     started = time.perf_counter()
     enable_float64()
+    cluster = None if cluster is None else load_cluster_spec(cluster)
     cfg = load_config(config, mode=mode, gap=gap, tile=tile)
     plan = _plan(input, cfg, dict(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt))
     say(progress, _describe(input, cfg, plan))
 
-    def announce(c):
-        say(progress, f"xpcsfit: started a LocalCluster, dashboard {c.dashboard_link}")
+    def announce(c, what):
+        say(progress, f"xpcsfit: started {what}, dashboard {c.dashboard_link}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
-    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
+    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce, cluster=cluster) as cl:
         for stale in getattr(target, "removed_partials", ()):
             say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
         evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory)
