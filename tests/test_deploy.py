@@ -340,29 +340,31 @@ def test_reprocess_refuses_a_missing_directory(tmp_path):
 # ---------------------------------------------------------------- the cluster specs (cluster/)
 
 
-def test_kubernetes_spec_agrees_with_the_manifests():
-    """cluster/kubernetes.yaml (xpcsfit --cluster) and deploy/kubernetes/ describe one cluster.
+def test_kubernetes_spec_agrees_with_the_manifests(tmp_path, monkeypatch):
+    """cluster/kubernetes.yaml (``--cluster``: xpcsfit makes its own DaskCluster per run)
+    and deploy/kubernetes/ (the standing DaskCluster of the CronJob) describe one kind of
+    cluster: the same image, worker pods (cpu, memory, count), worker command (preload,
+    one thread), TLS Secret, mount path and certificate file names."""
+    from xpcsfit.engine.launch import TLS_MOUNT, kubernetes_manifest
+    from xpcsfit.engine.security import CA, CERT, KEY, make_certificates
+    from xpcsfit.engine.specs import load_cluster_spec
 
-    Skipped until xpcsfit.engine.specs exists (issue 10, point 1). Fields compared: the
-    image; the worker resources (cpu, memory) and the worker memory limit; the worker
-    preload and threads; the TLS CA / certificate / key file names and the Secret they
-    come from.
-    """
-    specs = pytest.importorskip("xpcsfit.engine.specs")
-    spec = specs.load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml")
-
-    def field(obj, name):
-        return obj[name] if isinstance(obj, dict) else getattr(obj, name)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))  # the spec's default TLS files
+    make_certificates(tmp_path / "config" / "xpcsfit" / "certs")
+    spec = load_cluster_spec(ROOT / "cluster" / "kubernetes.yaml")
+    made = kubernetes_manifest(spec)["spec"]["worker"]
 
     worker = container("worker")
-    assert field(spec, "image") == worker["image"]
-    resources = field(spec, "resources")
-    assert str(field(resources, "cpu")) == worker["resources"]["limits"]["cpu"]
-    assert k8s_bytes(str(field(resources, "memory"))) == k8s_bytes(worker["resources"]["limits"]["memory"])
-    assert PRELOAD in field(spec, "preload")
-    assert int(field(spec, "nthreads")) == int(options(worker["args"])["--nthreads"])
-    tls = field(spec, "tls")
-    config_files = {PurePosixPath(tls_config()["distributed"]["comm"]["tls"][k]).name for k in ("ca-file",)}
-    config_files |= {PurePosixPath(v).name for v in tls_config()["distributed"]["comm"]["tls"]["client"].values()}
-    spec_files = {PurePosixPath(str(field(tls, k))).name for k in ("ca", "cert", "key")}
-    assert spec_files == config_files
+    assert spec.image == worker["image"] == made["spec"]["containers"][0]["image"]
+    assert spec.n_workers == cluster()["spec"]["worker"]["replicas"]
+    assert made["spec"]["containers"][0]["resources"]["limits"] == {"cpu": spec.cpu, "memory": spec.memory}
+    assert spec.cpu == worker["resources"]["limits"]["cpu"]
+    assert k8s_bytes(spec.memory) == k8s_bytes(worker["resources"]["limits"]["memory"])
+    for args in (made["spec"]["containers"][0]["args"], worker["args"]):
+        assert options(args)["--preload"] == PRELOAD and options(args)["--nthreads"] == "1"
+    (tls_mount, tls_volume), = [mv for mv in mounts("worker").values() if "secret" in mv[1]]
+    assert tls_volume["secret"]["secretName"] == spec.tls_secret
+    assert tls_mount["mountPath"] == TLS_MOUNT
+    comm = tls_config()["distributed"]["comm"]["tls"]
+    named = {PurePosixPath(comm["ca-file"]).name} | {PurePosixPath(v).name for v in comm["client"].values()}
+    assert named == {CA, CERT, KEY}

@@ -272,7 +272,7 @@ def test_kubernetes_resource_from_the_example_spec(certs):
     for pod, args in ((worker_group["spec"], ["dask-worker", "--nthreads", "1", "--preload", PRELOAD, *tls_args]),
                       (scheduler["spec"], ["dask-scheduler", "--host", "0.0.0.0", "--protocol", "tls", *tls_args])):
         (container,) = pod["containers"]
-        assert container["image"] == "xpcsfit:0.1.0"
+        assert container["image"] == "registry.example.org/xpcsfit/xpcsfit:0.1.0"
         assert container["args"][:len(args)] == args
         assert pod["volumes"] == [{"name": "xpcsfit-tls", "secret": {"secretName": "xpcsfit-tls"}}]
         assert container["volumeMounts"] == [{"name": "xpcsfit-tls", "mountPath": TLS_MOUNT, "readOnly": True}]
