@@ -100,11 +100,15 @@ def kinds(groups: list[str]) -> list[str]:
     return sorted({task_kind((g, 0)) for g in groups})
 
 
-def check_fit_spans(client, name: tuple, result, written: bool) -> dict:
-    """The newest span ``name`` holds the fit's phases, an iteration span each; returns it."""
+def newest(client, name: tuple) -> dict:
     found = spans_named(client, name)
     assert found, f"no span {name}"
-    span = found[-1]
+    return found[-1]
+
+
+def check_fit_spans(span: dict, result, written: bool) -> None:
+    """``span`` (of :func:`spans_named`) holds the fit's phases, an iteration span each,
+    and the fit's passes, each in its phase."""
     assert span["groups"] == []  # every task is in one of its phases
     children = {tag: (kinds(groups), groups, grandchildren) for tag, groups, grandchildren in span["children"]}
     n = result.iterations
@@ -121,22 +125,32 @@ def check_fit_spans(client, name: tuple, result, written: bool) -> dict:
     assert sum(task_kind((g, 0)) == "costs" for g in groups) == result.engine["cost_passes"]
     assert sum(task_kind((g, 0)) == "normal-equations" for g in groups) == result.engine["normal_passes"]
     assert all(not grandchildren for *_, grandchildren in children.values())
-    return span
+
+
+@pytest.fixture(scope="module")
+def fitted(dashboard, small_flow_file, tmp_path_factory):
+    """A fit with outputs on the dashboard's cluster: (its result, its tasks' keys in the
+    task stream)."""
+    from distributed import get_task_stream
+
+    out = tmp_path_factory.mktemp("dashboard") / "fit"
+    with get_task_stream(dashboard) as stream:
+        result = xpcsfit.fit(small_flow_file, gap=2.0e6, client=dashboard, out=out, progress=False)
+    assert result.iterations >= 2
+    return result, [t["key"] for t in stream.data]
 
 
 @pytest.mark.slow
-def test_fit_runs_in_its_span_with_one_span_per_iteration(dashboard, small_flow_file, tmp_path):
-    from bokeh.models import ColumnDataSource, MultiChoice
-    from distributed import get_task_stream
+def test_fit_runs_in_its_span_with_one_span_per_iteration(dashboard, fitted):
+    result, _ = fitted
+    check_fit_spans(newest(dashboard, ("xpcsfit fit", LABEL)), result, written=True)
 
-    with get_task_stream(dashboard) as stream:
-        result = xpcsfit.fit(small_flow_file, gap=2.0e6, client=dashboard, out=tmp_path / "fit", progress=False)
-    assert result.iterations >= 2
-    check_fit_spans(dashboard, ("xpcsfit fit", LABEL), result, written=True)
 
-    # The task stream: one prefix (colour) per kind of pass; each pass has one task per
-    # part, numbered in order over the fit's passes (lag sums first, outputs last).
-    keys = [t["key"] for t in stream.data]
+@pytest.mark.slow
+def test_task_stream_has_one_prefix_per_kind_of_pass(fitted):
+    # One prefix (colour) per kind of pass; each pass has one task per part, numbered in
+    # order over the fit's passes (lag sums first, outputs last).
+    result, keys = fitted
     engine = result.engine
     by_kind = {}
     for k in keys:
@@ -152,8 +166,15 @@ def test_fit_runs_in_its_span_with_one_span_per_iteration(dashboard, small_flow_
     assert passes == list(range(1, engine["normal_passes"] + engine["cost_passes"] + 3))
     assert {part for _, part in keys} == set(range(engine["n_parts"]))
 
+
+@pytest.mark.slow
+def test_dashboard_pages_show_the_fit_spans_and_prefixes(dashboard, fitted):
     # The dashboard, on 127.0.0.1, serves these names: the span filter of its span view
     # and the bars of its task stream.
+    pytest.importorskip("bokeh", reason="the dashboard's pages need Bokeh (the dashboard extra)")
+    from bokeh.models import ColumnDataSource, MultiChoice
+
+    result, keys = fitted
     port = dashboard.scheduler_info()["services"]["dashboard"]
     assert dashboard.dashboard_link.startswith("http://127.0.0.1:")
     base = f"http://127.0.0.1:{port}"
@@ -165,7 +186,7 @@ def test_fit_runs_in_its_span_with_one_span_per_iteration(dashboard, small_flow_
     assert {"xpcsfit fit", LABEL, "load tiles", "start values", "write outputs"} | iterations <= set(tags)
     with pulled(f"{base}/individual-task-stream") as session:
         (bars,) = [m.data for m in session.document.select({"type": ColumnDataSource}) if "name" in m.data]
-    assert set(by_kind) <= set(bars["name"])
+    assert {key_split(k) for k in keys} <= set(bars["name"])
     print(f"\n{result.iterations} iterations; span tags {sorted(tags)}; task stream {sorted(set(bars['name']))}")
 
 
@@ -173,25 +194,29 @@ def test_fit_runs_in_its_span_with_one_span_per_iteration(dashboard, small_flow_
 def test_a_fit_submitted_as_a_task_has_its_spans_below_the_tasks(dashboard, small_flow_file):
     from distributed import span
 
-    # A fit running as a task (it fans out from the worker through worker_client) opens
-    # the same spans; the task itself is in the default span.
-    future = dashboard.submit(xpcsfit.fit, str(small_flow_file), gap=2.0e6, progress=False, pure=False)
-    result = future.result()
-    check_fit_spans(dashboard, ("xpcsfit fit", LABEL), result, written=False)
-    # Dask puts a whole task group in one span: while this "fit-<uuid>" task is known to
-    # the scheduler, the next one (same group "fit") would be put in the default span too.
-    key = future.key
-    del future
+    # Fits running as tasks (they fan out from the worker through worker_client) open
+    # the same spans; the tasks themselves are in the default span. Two at once on one
+    # cluster: each fit's passes are in its own spans (one task group per fit and pass).
+    futures = [dashboard.submit(xpcsfit.fit, str(small_flow_file), gap=2.0e6, progress=False, pure=False)
+               for _ in range(2)]
+    results = dashboard.gather(futures)
+    assert results[0].x.tolist() == results[1].x.tolist()
+    for fit_span in spans_named(dashboard, ("xpcsfit fit", LABEL))[-2:]:
+        check_fit_spans(fit_span, results[0], written=False)
+    # Dask puts a whole task group in one span: while these "fit-<uuid>" tasks are known
+    # to the scheduler, the next one (same group "fit") would be put in the default span too.
+    keys = [f.key for f in futures]
+    del futures
     deadline = time.monotonic() + 10
-    while dashboard.run_on_scheduler(lambda dask_scheduler: key in dask_scheduler.tasks):
-        assert time.monotonic() < deadline, f"the scheduler still holds {key}"
+    while dashboard.run_on_scheduler(lambda dask_scheduler: any(k in dask_scheduler.tasks for k in keys)):
+        assert time.monotonic() < deadline, f"the scheduler still holds {keys}"
         time.sleep(0.05)
 
     # Submitted inside a span of the user's, the fit's spans are below it.
     with span("night run"):
         future = dashboard.submit(xpcsfit.fit, str(small_flow_file), gap=2.0e6, progress=False, pure=False)
     result = future.result()
-    check_fit_spans(dashboard, ("night run", "xpcsfit fit", LABEL), result, written=False)
+    check_fit_spans(newest(dashboard, ("night run", "xpcsfit fit", LABEL)), result, written=False)
 
 
 @pytest.mark.slow
