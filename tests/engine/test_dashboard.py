@@ -69,8 +69,9 @@ def dashboard():
 
 
 def spans_named(client, name: tuple) -> list[dict]:
-    """Every span of ``name`` on the scheduler, oldest first: its children's last tags and
-    the kinds (and task groups) of the tasks directly in each."""
+    """Every span of ``name`` on the scheduler, oldest first: the task groups directly in
+    it, and per child (oldest first) its last tag, its task groups and its children's
+    last tags."""
 
     def read(name, dask_scheduler=None):
         ext = dask_scheduler.extensions["spans"]
@@ -117,11 +118,13 @@ def check_fit_spans(span: dict, result, written: bool) -> None:
     assert [tag for tag, *_ in span["children"]] == expected
     assert children["load tiles"][0] == ["load"]
     assert children["start values"][0] == ["lag-sums", "normal-equations"]
-    for it in iterations:  # each accepted step: its trial cost passes, then normal equations
+    # Each accepted step: its trial cost passes, then normal equations. (A last step that
+    # found no better point would add one more iteration span, of cost passes only.)
+    for it in iterations:
         assert children[it][0] == ["costs", "normal-equations"], it
     if written:
         assert children["write outputs"][0] == ["write-outputs"]
-    groups = [g for _, g, _ in children.values() for g in g]
+    groups = [name for _, names, _ in children.values() for name in names]
     assert sum(task_kind((g, 0)) == "costs" for g in groups) == result.engine["cost_passes"]
     assert sum(task_kind((g, 0)) == "normal-equations" for g in groups) == result.engine["normal_passes"]
     assert all(not grandchildren for *_, grandchildren in children.values())

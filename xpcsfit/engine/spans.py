@@ -7,7 +7,8 @@ scheduler's ``extensions["spans"]`` show. A fit's tree::
     ("xpcsfit fit", "run42.hdf q=0.005555")      one per fit: its input and q
         ├─ "load tiles"                           the parts of tiles put on the workers
         ├─ "start values"                         lag sums; normal equations at the start
-        ├─ "iteration 1", "iteration 2", …        one per solver step
+        ├─ "iteration 1", "iteration 2", …        one per solver step (its cost and
+        │                                         normal-equation passes)
         └─ "write outputs"                        fitted.zarr and the heatmap points
 
 A span opened around a fit (a cmc run, a notebook's ``with distributed.span(...)``, the
