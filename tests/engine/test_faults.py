@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 
 import xpcsfit
 from xpcsfit.engine.evaluator import DaskEvaluator
+from xpcsfit.engine.spans import task_kind
 from xpcsfit.engine.tiles import plan_tiles
 from xpcsfit.parameters import MODES, ParameterLayout
 from xpcsfit.simulate import simulate
@@ -115,13 +115,20 @@ def pid_gone(pid: int) -> bool:
         return True
 
 
+def solver_pass(key) -> int | None:
+    """The pass number of a solver pass's task (normal equations or costs; key
+    ``("xpcsfit-<kind>-<token>-pass-<n>", part)``), else None."""
+    if task_kind(key) not in ("normal-equations", "costs"):
+        return None
+    return int(key[0].rsplit("-pass-", 1)[1])
+
+
 class KillDuringPass(threading.Thread):
-    """SIGKILL the worker process that runs a pass task of pass number ``after`` or later.
+    """SIGKILL the worker process that runs a solver pass's task of pass number ``after``
+    or later (the fit's passes of every kind counted, the start values' lag sums first).
 
     Watches the scheduler's processing lists; records (address, pid, key) in ``killed``.
     """
-
-    PASS_KEY = re.compile(r"xpcsfit-(?:normal-equations|costs)-\w+-(\d+)-part-\d+")
 
     def __init__(self, client, after: int):
         super().__init__(daemon=True)
@@ -133,9 +140,9 @@ class KillDuringPass(threading.Thread):
     def run(self):
         while not self.stop.is_set():
             for address, keys in self.client.processing().items():
-                for key in map(str, keys):
-                    m = self.PASS_KEY.fullmatch(key)
-                    if m and int(m.group(1)) >= self.after and address in self.pids:
+                for key in keys:
+                    n = solver_pass(key)
+                    if n is not None and n >= self.after and address in self.pids:
                         os.kill(self.pids[address], signal.SIGKILL)
                         self.killed = (address, self.pids[address], key)
                         return
@@ -172,7 +179,7 @@ def test_worker_killed_mid_fit_gives_identical_parameters(memory, cluster, flow_
     ran = [(t["key"], t["worker"]) for t in stream.data]
     if (key, address) not in ran:  # it had not just finished there as the kill came
         assert any(k == key and w != address for k, w in ran), f"{key} was not recomputed"
-    part_runs = [k for k, _ in ran if k.startswith("xpcsfit-part-")]
+    part_runs = [k for k, _ in ran if task_kind(k) == "load"]
     assert len(part_runs) > result.engine["n_parts"], "no lost part was recomputed"
     wait_for_workers(cluster, 2)
     now = cluster.run(os.getpid)
@@ -197,7 +204,7 @@ def test_every_worker_killed_while_loading_the_fit_recovers(cluster, flow_file, 
             self.mark = os.path.join(self.marks, f"died-{worker.name}")
 
         def transition(self, key, start, finish, **kwargs):
-            if finish == "executing" and str(key).startswith("xpcsfit-part-") and not os.path.exists(self.mark):
+            if finish == "executing" and task_kind(key) == "load" and not os.path.exists(self.mark):
                 open(self.mark, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -408,7 +415,7 @@ def test_memory_limit_too_small_for_a_tile_is_a_config_error_up_front(flow_file,
         for word in ("need about", "memory_limit", "tile", "4096 frames", "1024 MiB"):
             assert word in lines[0]
         assert elapsed < 60  # the CLI's start and one check; not worker restarts
-        assert not [t for t in stream.data if t["key"].startswith("xpcsfit-")], "tiles were loaded"
+        assert not [t for t in stream.data if task_kind(t["key"])], "tiles were loaded"
         assert c.run(os.getpid) == pids  # no worker restarted
         assert not (tmp_path / "res").exists()
         print(f"\nup-front memory error after {elapsed:.1f} s: {lines[0]}")
@@ -432,7 +439,7 @@ def test_workers_dying_while_loading_is_a_config_error(cluster, flow_file):
         name = "xpcsfit-test-die-on-load"
 
         def transition(self, key, start, finish, **kwargs):
-            if finish == "executing" and str(key).startswith("xpcsfit-part-"):
+            if finish == "executing" and task_kind(key) == "load":
                 os.kill(os.getpid(), signal.SIGKILL)
 
     wait_for_workers(cluster, 2)

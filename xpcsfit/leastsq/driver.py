@@ -13,6 +13,7 @@ import xarray as xr
 from xpcsfit.config import FitConfig, load_config
 from xpcsfit.engine.cluster import dask_client
 from xpcsfit.engine.evaluator import DaskEvaluator, TileEvaluator
+from xpcsfit.engine.spans import span_label
 from xpcsfit.engine.specs import load_cluster_spec
 from xpcsfit.engine.tiles import DEFAULT_TILE, TileSpec, count_points, plan_tiles
 from xpcsfit.errors import ConfigError
@@ -111,7 +112,8 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce, cluster=cluster) as cl:
         for stale in getattr(target, "removed_partials", ()):
             say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
-        evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory)
+        evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory,
+                                  span=("xpcsfit fit", span_label(input, plan.ds["q"].values)))
         say(progress, f"xpcsfit: tiles in {len(evaluator.parts)} parts on {evaluator.n_workers} workers, "
                       f"memory {evaluator.storage} ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
         if plan.gap_defaulted:
@@ -219,24 +221,24 @@ def _solve(evaluator: TileEvaluator, ds, cfg, layout, L, size, progress, checkpo
     iteration; a saved state of this very fit (same fingerprint) is resumed from, and
     one that is not is named in one progress line with the reason.
     """
-    x0, lower, upper = _starting_point(evaluator, ds, cfg, layout, L)
-    say(progress, "xpcsfit: start " + ", ".join(
-        f"{n}={v:.4g}" for n, v in zip(layout.physics, x0[: layout.p])))
-
     def report(r: IterationReport):
         say(progress, f"  iter {r.iteration:3d}  cost {r.cost:.8e}  step {r.step_norm:.3e}  "
                       f"damping {r.damping:.2e}  rho {r.rho:.3f}  passes {r.passes}")
 
-    solver = TrustRegionLM(lower, upper, callback=report, **cfg.solver.model_dump())
-    state, resumed_from = None, None
-    if checkpoint is not None:
-        saved, note = checkpoint.open(fingerprint(ds, cfg, L, size, x0, lower, upper), ds.attrs["source"])
-        if note:
-            say(progress, note)
-        if saved is not None:
-            state, resumed_from = _resume(solver, evaluator, saved, checkpoint, progress)
-    if state is None:
-        state = solver.init(evaluator, x0)
+    with evaluator.phase("start values"):  # the start, and the normal equations there
+        x0, lower, upper = _starting_point(evaluator, ds, cfg, layout, L)
+        say(progress, "xpcsfit: start " + ", ".join(
+            f"{n}={v:.4g}" for n, v in zip(layout.physics, x0[: layout.p])))
+        solver = TrustRegionLM(lower, upper, callback=report, **cfg.solver.model_dump())
+        state, resumed_from = None, None
+        if checkpoint is not None:
+            saved, note = checkpoint.open(fingerprint(ds, cfg, L, size, x0, lower, upper), ds.attrs["source"])
+            if note:
+                say(progress, note)
+            if saved is not None:
+                state, resumed_from = _resume(solver, evaluator, saved, checkpoint, progress)
+        if state is None:
+            state = solver.init(evaluator, x0)
     state = _iterate(solver, evaluator, state, checkpoint, progress)
     this_run = "" if resumed_from is None else \
         f" ({evaluator.normal_passes + evaluator.cost_passes} in this run)"
@@ -251,7 +253,8 @@ def _iterate(solver: TrustRegionLM, evaluator, state: SolverState, checkpoint, p
     """Step until the solver terminates, saving the state after every step (until the
     checkpoint cannot be written: then one warning, and no more tries)."""
     while not solver.terminate(state)[0]:
-        state = solver.step(evaluator, state)
+        with evaluator.phase(f"iteration {state.iteration + 1}"):
+            state = solver.step(evaluator, state)
         if checkpoint is not None:
             try:
                 checkpoint.save(state.saved())
@@ -364,7 +367,9 @@ def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
     m = len(range(0, t.size, s))
     store = tmp / "fitted.zarr"
     create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
-    samples = evaluator.map_tiles(_write_tile, result.x, layout, cfg.mode, L, str(store), lead, s)
+    with evaluator.phase("write outputs"):
+        samples = evaluator.map_tiles("write-outputs", _write_tile, result.x, layout, cfg.mode, L, str(store),
+                                      lead, s)
     data = np.full((layout.n_q, layout.n_phi, m, m), np.nan, np.float32)
     model = np.full_like(data, np.nan)
     while samples:  # pop: each sample is freed once copied into the grids
