@@ -140,7 +140,22 @@ class GPUSpec(_ThisMachine):
     gpus: list[Annotated[int, Field(ge=0)]] | None = None  # device indices; default: all
 
 
-class _JobQueueSpec(_Spec):
+class _ScaledSpec(_Spec):
+    """A spec that starts a fixed number of units (field ``_FIXED``) or adapts between
+    ``adapt.minimum`` and ``adapt.maximum``; not both."""
+
+    _FIXED: typing.ClassVar[tuple[str, str]]  # (field, what it counts)
+
+    @model_validator(mode="after")
+    def _one_scaling(self):
+        field, what = self._FIXED
+        if getattr(self, field) is not None and self.adapt is not None:
+            raise ValueError(f"give {field} (a number of {what}) or adapt (minimum, maximum), not both")
+        return self
+
+
+class _JobQueueSpec(_ScaledSpec):
+    _FIXED = ("scale", "jobs")
     cores: int = Field(8, gt=0)  # per job: this many worker processes, one thread each
     memory: Size = "32GB"  # per job, shared by its workers
     walltime: str = "01:00:00"
@@ -172,12 +187,6 @@ class _JobQueueSpec(_Spec):
             raise ValueError("expected [D-]HH:MM:SS, e.g. 01:30:00")
         return value
 
-    @model_validator(mode="after")
-    def _one_scaling(self):
-        if self.scale is not None and self.adapt is not None:
-            raise ValueError("give scale (a number of jobs) or adapt (minimum, maximum), not both")
-        return self
-
     @property
     def jobs(self) -> int | None:
         """Jobs to submit at the start: ``scale``, or 1 unless adapting."""
@@ -197,9 +206,10 @@ class PBSSpec(_JobQueueSpec):
     resource_spec: str | None = None  # -l value; default: select=1:ncpus=<cores>:mem=<memory>
 
 
-class KubernetesSpec(_Spec):
+class KubernetesSpec(_ScaledSpec):
     """A DaskCluster resource of the dask-kubernetes operator."""
 
+    _FIXED = ("workers", "pods")
     kind: Literal["kubernetes"]
     name: str = "xpcsfit"  # of the DaskCluster; the scheduler service is NAME-scheduler
     namespace: str = "default"
@@ -218,25 +228,16 @@ class KubernetesSpec(_Spec):
             raise ValueError("expected a Kubernetes name: lower-case letters, digits and '-', at most 50")
         return value
 
-    @field_validator("cpu")
-    @classmethod
-    def _cpu(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+(\.\d+)?m?", str(value)):
-            raise ValueError("expected a Kubernetes CPU quantity, e.g. 1 or 500m")
-        return str(value)
+    _QUANTITIES: typing.ClassVar[dict[str, tuple[str, str]]] = {
+        "cpu": (r"\d+(\.\d+)?m?", "1 or 500m"), "memory": (r"\d+(\.\d+)?([KMGT]i?)?", "4Gi")}
 
-    @field_validator("memory")
+    @field_validator("cpu", "memory")
     @classmethod
-    def _memory(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+(\.\d+)?([KMGT]i?)?", str(value)):
-            raise ValueError("expected a Kubernetes memory quantity, e.g. 4Gi")
+    def _quantity(cls, value: str, info) -> str:
+        pattern, example = cls._QUANTITIES[info.field_name]
+        if not re.fullmatch(pattern, str(value)):
+            raise ValueError(f"expected a Kubernetes {info.field_name} quantity, e.g. {example}")
         return str(value)
-
-    @model_validator(mode="after")
-    def _one_scaling(self):
-        if self.workers is not None and self.adapt is not None:
-            raise ValueError("give workers (a number of pods) or adapt (minimum, maximum), not both")
-        return self
 
     @property
     def n_workers(self) -> int:
