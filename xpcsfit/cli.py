@@ -1,4 +1,4 @@
-"""The ``xpcsfit`` command: one parser for fit, cmc, ingest and simulate.
+"""The ``xpcsfit`` command: one parser for fit, cmc, ingest, simulate and certs.
 
 Every :class:`~xpcsfit.XpcsfitError` ends as one line on stderr and a non-zero exit
 code (2 input, 3 configuration, 5 sampling); a traceback means a bug in xpcsfit. A fit
@@ -34,6 +34,16 @@ def _selection(args) -> dict:
                 frames=tuple(args.frames) if args.frames else None, dt=args.dt)
 
 
+def _add_where(p) -> None:
+    """--scheduler ADDRESS or --cluster SPEC (one of them): where the work runs."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="address of a running Dask scheduler, tcp:// or tls:// (certificates from Dask's "
+                            "configuration, see `xpcsfit certs`); default: start a LocalCluster")
+    where.add_argument("--cluster", metavar="SPEC",
+                       help="cluster to start: a spec file (see cluster/) or local, gpu, slurm, pbs, kubernetes")
+
+
 def _default_out(args, suffix: str) -> Path:
     return Path(args.out) if args.out else Path.cwd() / f"{Path(args.input).name.split('.')[0]}_{suffix}"
 
@@ -46,7 +56,7 @@ def _fit_parser(sub):
     p.add_argument("--config", help="YAML file of fit settings (bounds, initial values, solver)")
     p.add_argument("--tile", type=int, help="tile edge in frames (default 128)")
     p.add_argument("--out", help="result directory (default ./<input name>_fit)")
-    p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
+    _add_where(p)
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if a checkpoint of this very fit (.OUT.checkpoint.json beside --out, "
                         "left by a killed run) would let it continue")
@@ -57,7 +67,7 @@ def _run_fit(args) -> int:
 
     out = _default_out(args, "fit")
     result = fit(args.input, **_selection(args), mode=args.mode, gap=args.gap, config=args.config, out=out, scheduler=args.scheduler, tile=args.tile,
-                 resume=args.resume)
+                 resume=args.resume, cluster=args.cluster)
     print(f"\n{'parameter':<20}{'value':>14}{'stderr':>12}  unit")
     from xpcsfit.parameters import UNITS
 
@@ -94,7 +104,7 @@ def _cmc_parser(sub):
                         "when shards report divergent transitions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="result directory (default ./<input name>_cmc)")
-    p.add_argument("--scheduler", help="address of a running Dask scheduler (default: start a LocalCluster)")
+    _add_where(p)
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -106,7 +116,7 @@ def _run_cmc(args) -> int:
     result = cmc(args.input, **_selection(args), mode=args.mode, gap=args.gap, config=args.config, shards=args.shards, warmup=args.warmup,
                  samples=args.samples, chains=args.chains, thin=args.thin, combine=args.combine,
                  from_fit=args.from_fit, seed=args.seed, target_accept=args.target_accept, out=out,
-                 scheduler=args.scheduler, progress=not args.quiet)
+                 scheduler=args.scheduler, cluster=args.cluster, progress=not args.quiet)
     s = result.summary
     if args.quiet:  # the progress lines already carry the table otherwise
         print(f"{'parameter':<20}{'mean':>14}{'sd':>12}{'q03':>14}{'q97':>14}{'r_hat':>8}{'ess':>7}")
@@ -158,6 +168,34 @@ def _run_simulate(args) -> int:
     return 0
 
 
+def _certs_parser(sub):
+    p = sub.add_parser("certs", help="make a CA and a TLS certificate for the cluster specs",
+                       description="Write ca.pem, ca-key.pem, cert.pem and key.pem (keys mode 0600) for "
+                                   "the tls: sections of cluster specs. Files in DIR that xpcsfit certs did "
+                                   "not write are never replaced.")
+    p.add_argument("dir", nargs="?", metavar="DIR",
+                   help="directory (default: where specs without tls: look, ~/.config/xpcsfit/certs)")
+    p.add_argument("--host", action="append", default=[], metavar="NAME",
+                   help="a further host name or IP address for the certificate (repeatable)")
+    p.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+
+
+def _run_certs(args) -> int:
+    from xpcsfit.engine.security import dask_tls_environment, default_certificate_directory, make_certificates
+
+    directory = Path(args.dir) if args.dir else default_certificate_directory()
+    paths = make_certificates(directory, hosts=tuple(args.host), days=args.days)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if args.dir:
+        print(f"cluster specs use them with:\n  tls: {{ca: {paths['ca']}, cert: {paths['cert']}, key: {paths['key']}}}")
+    else:
+        print("cluster specs without a tls: section use them")
+    print("`--scheduler tls://HOST:PORT` and dask scheduler/worker use them with:")
+    for name, value in dask_tls_environment(paths["ca"], paths["cert"], paths["key"]).items():
+        print(f"  export {name}={value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xpcsfit`` parser: one subcommand per runner of :data:`_RUNNERS`."""
     parser = argparse.ArgumentParser(
@@ -167,10 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
     _cmc_parser(sub)
     _ingest_parser(sub)
     _simulate_parser(sub)
+    _certs_parser(sub)
     return parser
 
 
-_RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate, "cmc": _run_cmc}
+_RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate, "cmc": _run_cmc,
+            "certs": _run_certs}
 
 
 def main(argv=None) -> int:

@@ -128,7 +128,7 @@ def load_config(source=None, **overrides) -> FitConfig:
         data = dict(source)
     elif isinstance(source, (str, Path)):
         where = str(source)
-        data = _read_yaml(Path(source))
+        data = read_yaml_mapping(Path(source))
     else:
         raise ConfigError(f"config = {source!r}: expected a YAML file, a mapping or a FitConfig")
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -139,7 +139,7 @@ def load_config(source=None, **overrides) -> FitConfig:
         raise ConfigError(_validation_message(exc, where, given)) from None
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml_mapping(path: Path) -> dict:
     """The top-level mapping of a YAML file; ConfigError naming the file (and line)."""
     if path.exists() and not path.is_file():
         raise ConfigError(f"{path}: not a regular file")

@@ -19,6 +19,7 @@ import pytest
 
 import xpcsfit
 from xpcsfit.cmc.driver import cmc
+from xpcsfit.engine.spans import task_kind
 from xpcsfit.parameters import MODES
 
 pytestmark = pytest.mark.slow
@@ -37,7 +38,7 @@ def consensus_runs(client, sim_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("cmc-e2e") / "cmc"
     with get_task_stream(client) as stream:
         cons = cmc(sim_file, shards=4, out=out, **opts)
-    keys = {str(t["key"]) for t in stream.data}
+    keys = {t["key"] for t in stream.data}
     return {"full": full, "cons": cons, "keys": keys, "out": out}
 
 
@@ -62,7 +63,7 @@ def test_consensus_matches_full_data_posterior(consensus_runs, sim_truth):
 
 def test_shards_run_as_separate_tasks_on_both_workers(consensus_runs):
     cons = consensus_runs["cons"]
-    shard_keys = {k for k in consensus_runs["keys"] if "xpcsfit-cmc-shard" in k}
+    shard_keys = {k for k in consensus_runs["keys"] if task_kind(k) == "cmc-shard"}
     assert len(shard_keys) == 4
     assert len({s["worker"] for s in cons.shards}) == 2
 
@@ -118,7 +119,7 @@ def test_killing_a_worker_still_gives_a_complete_result(static_file):
             deadline = time.time() + 240
             while time.time() < deadline and not killed:
                 busy = [w for w, keys in c.processing().items()
-                        if any("xpcsfit-cmc-shard" in str(k) for k in keys)]
+                        if any(task_kind(k) == "cmc-shard" for k in keys)]
                 if busy:
                     time.sleep(2.0)  # let the shard get under way
                     os.kill(pids[busy[0]], signal.SIGKILL)

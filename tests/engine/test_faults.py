@@ -10,7 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -24,11 +23,13 @@ import psutil
 import pytest
 
 import xpcsfit
-from xpcsfit.engine.cluster import workers_info
 from xpcsfit.engine.evaluator import DaskEvaluator
+from xpcsfit.engine.spans import task_kind
 from xpcsfit.engine.tiles import plan_tiles
 from xpcsfit.parameters import MODES, ParameterLayout
 from xpcsfit.simulate import simulate
+
+from dask_processes import dask_processes, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,59 +38,6 @@ FAR_START = {"D0": 3000.0, "alpha": -0.5, "gamma_dot_t0": 2.0e-3, "phi0": -5.0}
 TILE = 64
 N_PHI = 4
 HANG = 180  # s: a fit here that has not ended by then hangs (they take 3–30 s)
-
-
-@contextlib.contextmanager
-def dask_processes(tmp_dir, n_workers: int, memory_limit: str = "auto", allowed_failures: int = 3):
-    """``dask scheduler`` and ``dask worker`` processes (each worker under a nanny, one
-    thread, xpcsfit's worker environment and preload) as on a cluster; yields a Client.
-
-    Processes rather than a LocalCluster: killed workers come back with new addresses
-    faster than a LocalCluster's bookkeeping follows (its status watcher stops at the
-    first unknown address). The workers share a JAX compilation cache in ``tmp_dir``, so
-    a restarted worker loads the compiled tile kernels instead of compiling them again
-    (about 10 s on this machine).
-    """
-    from distributed import Client
-
-    from xpcsfit.engine.cluster import WORKER_ENV
-
-    env = dict(os.environ, **WORKER_ENV,
-               DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES=str(allowed_failures),
-               JAX_COMPILATION_CACHE_DIR=os.path.join(tmp_dir, "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    scheduler_file = os.path.join(tmp_dir, "scheduler.json")
-
-    def start(name, *args):
-        with open(os.path.join(tmp_dir, f"{name}.log"), "wb") as log:
-            return subprocess.Popen([sys.executable, "-m", *args, "--host", "127.0.0.1",
-                                     "--dashboard-address", ":0", "--scheduler-file", scheduler_file],
-                                    env=env, stdout=log, stderr=log)
-
-    # All at once: the workers wait for the scheduler's file.
-    procs = [start("scheduler", "distributed.cli.dask_scheduler", "--port", "0")]
-    try:
-        procs += [start(f"worker-{i}", "distributed.cli.dask_worker", "--nthreads", "1", "--name", str(i),
-                        "--memory-limit", memory_limit, "--preload", "xpcsfit.engine.cluster")
-                  for i in range(n_workers)]
-        assert wait_until(lambda: os.path.exists(scheduler_file), timeout=60), "scheduler did not start"
-        with Client(scheduler_file=scheduler_file, timeout=60) as client:
-            wait_for_workers(client, n_workers)
-            yield client
-    finally:
-        # Killed, not closed (a nanny takes seconds to close): a worker process exits as
-        # soon as its nanny's process is gone.
-        for p in procs:
-            p.kill()
-            p.wait()
-
-
-def wait_for_workers(client, n: int, timeout: float = 120.0) -> None:
-    """Until the scheduler has ``n`` running workers (its own count, asked afresh)."""
-    def running():
-        return sum(w["status"] == "running" for w in workers_info(client).values())
-
-    assert wait_until(lambda: running() >= n, timeout=timeout, step=0.1), f"fewer than {n} workers"
 
 
 @pytest.fixture(scope="module")
@@ -160,15 +108,6 @@ def within(seconds: float, fn, *args, **kwargs):
     return box["value"]
 
 
-def wait_until(condition, timeout=60.0, step=0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(step)
-    return condition()
-
-
 def pid_gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -176,13 +115,20 @@ def pid_gone(pid: int) -> bool:
         return True
 
 
+def solver_pass(key) -> int | None:
+    """The pass number of a solver pass's task (normal equations or costs; key
+    ``("xpcsfit-<kind>-<token>-pass-<n>", part)``), else None."""
+    if task_kind(key) not in ("normal-equations", "costs"):
+        return None
+    return int(key[0].rsplit("-pass-", 1)[1])
+
+
 class KillDuringPass(threading.Thread):
-    """SIGKILL the worker process that runs a pass task of pass number ``after`` or later.
+    """SIGKILL the worker process that runs a solver pass's task of pass number ``after``
+    or later (the fit's passes of every kind counted, the start values' lag sums first).
 
     Watches the scheduler's processing lists; records (address, pid, key) in ``killed``.
     """
-
-    PASS_KEY = re.compile(r"xpcsfit-(?:normal-equations|costs)-\w+-(\d+)-part-\d+")
 
     def __init__(self, client, after: int):
         super().__init__(daemon=True)
@@ -194,9 +140,9 @@ class KillDuringPass(threading.Thread):
     def run(self):
         while not self.stop.is_set():
             for address, keys in self.client.processing().items():
-                for key in map(str, keys):
-                    m = self.PASS_KEY.fullmatch(key)
-                    if m and int(m.group(1)) >= self.after and address in self.pids:
+                for key in keys:
+                    n = solver_pass(key)
+                    if n is not None and n >= self.after and address in self.pids:
                         os.kill(self.pids[address], signal.SIGKILL)
                         self.killed = (address, self.pids[address], key)
                         return
@@ -233,7 +179,7 @@ def test_worker_killed_mid_fit_gives_identical_parameters(memory, cluster, flow_
     ran = [(t["key"], t["worker"]) for t in stream.data]
     if (key, address) not in ran:  # it had not just finished there as the kill came
         assert any(k == key and w != address for k, w in ran), f"{key} was not recomputed"
-    part_runs = [k for k, _ in ran if k.startswith("xpcsfit-part-")]
+    part_runs = [k for k, _ in ran if task_kind(k) == "load"]
     assert len(part_runs) > result.engine["n_parts"], "no lost part was recomputed"
     wait_for_workers(cluster, 2)
     now = cluster.run(os.getpid)
@@ -258,7 +204,7 @@ def test_every_worker_killed_while_loading_the_fit_recovers(cluster, flow_file, 
             self.mark = os.path.join(self.marks, f"died-{worker.name}")
 
         def transition(self, key, start, finish, **kwargs):
-            if finish == "executing" and str(key).startswith("xpcsfit-part-") and not os.path.exists(self.mark):
+            if finish == "executing" and task_kind(key) == "load" and not os.path.exists(self.mark):
                 open(self.mark, "w").close()
                 os.kill(os.getpid(), signal.SIGKILL)
 
@@ -469,7 +415,7 @@ def test_memory_limit_too_small_for_a_tile_is_a_config_error_up_front(flow_file,
         for word in ("need about", "memory_limit", "tile", "4096 frames", "1024 MiB"):
             assert word in lines[0]
         assert elapsed < 60  # the CLI's start and one check; not worker restarts
-        assert not [t for t in stream.data if t["key"].startswith("xpcsfit-")], "tiles were loaded"
+        assert not [t for t in stream.data if task_kind(t["key"])], "tiles were loaded"
         assert c.run(os.getpid) == pids  # no worker restarted
         assert not (tmp_path / "res").exists()
         print(f"\nup-front memory error after {elapsed:.1f} s: {lines[0]}")
@@ -493,7 +439,7 @@ def test_workers_dying_while_loading_is_a_config_error(cluster, flow_file):
         name = "xpcsfit-test-die-on-load"
 
         def transition(self, key, start, finish, **kwargs):
-            if finish == "executing" and str(key).startswith("xpcsfit-part-"):
+            if finish == "executing" and task_kind(key) == "load":
                 os.kill(os.getpid(), signal.SIGKILL)
 
     wait_for_workers(cluster, 2)

@@ -24,6 +24,11 @@ What the posterior conditions on, and assumes:
   allow; the same for gamma_dot): broad Normals, logit-normal factors on alpha, beta
   and phi0, zero outside the bounds (:mod:`xpcsfit.cmc.coordinates`).
 
+In the dashboard the run is the span ``("xpcsfit cmc", "<file> q=<q>")``, with the
+least-squares fit run first (its own "xpcsfit fit" span), the "noise pass" and the
+"shards" inside; the shard tasks' keys are ``("xpcsfit-cmc-shard-<token>", k)``
+(:mod:`xpcsfit.engine.spans`).
+
 Shards. Every tile (all phi of one q over one (t1, t2) time tile) is read once, and its
 points on the lattice of every ``thin``-th frame come back; the lattice points are dealt
 to the K shards by a fixed hash of their (t1, t2) frame pair
@@ -40,7 +45,6 @@ so a shard whose worker dies is retried elsewhere from the scheduler's copy.
 from __future__ import annotations
 
 import time
-import uuid
 
 import numpy as np
 
@@ -67,6 +71,8 @@ from xpcsfit.cmc.shard import (
 )
 from xpcsfit.engine.cluster import dask_client
 from xpcsfit.engine.evaluator import DaskEvaluator
+from xpcsfit.engine.spans import new_token, span_label, task_kind, task_name
+from xpcsfit.engine.specs import load_cluster_spec
 from xpcsfit.io.result_dir import claim_result_directory
 from xpcsfit.leastsq.driver import fit
 from xpcsfit.leastsq.results import FitResult
@@ -79,7 +85,7 @@ PROGRESS_EVERY_S = 15.0
 def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
         shards=None, warmup=500, samples=500, chains=2, thin=None, from_fit=None,
         combine="consensus", config=None, dt=None, out=None, client=None, scheduler=None,
-        seed=0, target_accept=0.9, progress=True) -> CMCResult:
+        seed=0, target_accept=0.9, progress=True, cluster=None) -> CMCResult:
     """Posterior of the physics parameters by Consensus Monte Carlo with NUTS shards.
 
     K angle-complete shards, each one NumPyro NUTS task (``client.submit``, retried when
@@ -92,7 +98,7 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     ----------
     input : str or Path
         APS-U / legacy HDF5 result file, or a store written by ``xpcsfit ingest``.
-    q, q_index, phi, frames, dt, config, client, scheduler
+    q, q_index, phi, frames, dt, config, client, scheduler, cluster
         As for :func:`xpcsfit.fit` (config: bounds, and the least-squares fit's settings).
         Selection default: that of ``from_fit``, else every q with maps, all phi, frames 1 … T-1.
     mode : {"laminar_flow", "static"}, optional
@@ -137,8 +143,11 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     SamplingError
         Every shard failed.
     """
+    from distributed import span
+
     started = time.perf_counter()
     enable_float64()  # the coordinates and the combination run here, in JAX
+    cluster = None if cluster is None else load_cluster_spec(cluster)
     sampler = check_options(shards, warmup, samples, chains, thin, combine, seed, target_accept)
     initial = initial_fit(from_fit) if from_fit is not None else None
     selection = Selection(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt)
@@ -147,11 +156,12 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     plan = make_plan(input, selection, mode, gap, config, shards, thin, initial)
     say(progress, plan.describe(sampler))
 
-    def announce(c):
-        say(progress, f"xpcsfit cmc: started a LocalCluster, dashboard {c.dashboard_link}")
+    def announce(c, what):
+        say(progress, f"xpcsfit cmc: started {what}, dashboard {c.dashboard_link}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
-    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
+    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce, cluster=cluster) as cl, \
+            span("xpcsfit cmc", span_label(input, plan.ds["q"].values)):
         if initial is None:
             initial = _fit_first(cl, input, selection, plan, config, progress)
         run, results = _sample(cl, plan, initial, sampler, combine, progress)
@@ -189,9 +199,10 @@ def _tile_pass(cl, plan: Plan, initial: FitResult) -> tuple[dict, list[dict]]:
     layout, mode = plan.layout, plan.cfg.mode
     x = layout.join(initial.values, np.ravel(initial.contrast), np.ravel(initial.offset))
     max_lag = max(1, min(MAX_LAG, plan.tiles[0].size // 2))
-    evaluator = DaskEvaluator(cl, plan.tiles, layout, mode, plan.L, storage="stream")
+    evaluator = DaskEvaluator(cl, plan.tiles, layout, mode, plan.L, storage="stream", span=("noise pass",))
     try:
-        per_tile = evaluator.map_tiles(tile_noise_and_lattice, x, layout, mode, plan.L, max_lag, plan.thin)
+        per_tile = evaluator.map_tiles("noise-lattice", tile_noise_and_lattice, x, layout, mode, plan.L,
+                                       max_lag, plan.thin)
     finally:
         evaluator.close()
     noise = noise_model([p[0] for p in per_tile], layout.n_q, layout.n_bins, plan.thin, max_lag)
@@ -231,19 +242,21 @@ def _run_shards(cl, specs, points, progress) -> list[dict]:
     A shard that still fails is reported as ``index``, ``name``, ``error``, never
     dropped silently.
     """
-    from distributed import wait
+    from distributed import span, wait
 
-    token = uuid.uuid4().hex[:12]
+    name = task_name("cmc-shard", new_token())
     futures, results = {}, {}
     try:
-        for spec, data in zip(specs, points):
-            f = cl.submit(run_shard, spec, data, retries=2, pure=False, key=f"xpcsfit-cmc-{spec.name}-{token}")
-            futures[f] = spec
+        with span("shards"):
+            for spec, data in zip(specs, points):
+                f = cl.submit(run_shard, spec, data, retries=2, pure=False, key=(name, spec.index))
+                futures[f] = spec
         t0 = time.perf_counter()
         pending = set(futures)
         while pending:
             try:
-                done, pending = wait(list(pending), timeout=PROGRESS_EVERY_S, return_when="FIRST_COMPLETED")
+                with cl.as_current():  # wait() uses the current client, which may be another
+                    done, pending = wait(list(pending), timeout=PROGRESS_EVERY_S, return_when="FIRST_COMPLETED")
             except TimeoutError:
                 done = set()
             for f in done:
@@ -258,7 +271,7 @@ def _run_shards(cl, specs, points, progress) -> list[dict]:
                                                time.perf_counter() - t0))
                 results[spec.index] = r
             if not done and pending:
-                running = sum(1 for keys in cl.processing().values() for k in keys if "xpcsfit-cmc-shard" in str(k))
+                running = sum(1 for keys in cl.processing().values() for k in keys if task_kind(k) == "cmc-shard")
                 say(progress, f"xpcsfit cmc: {len(results)}/{len(specs)} shards done, {running} running, "
                                f"{time.perf_counter() - t0:.0f} s")
     finally:

@@ -1,2 +1,3 @@
 """The engine: the sums a pass returns (``sums``), tiles, the JAX tile kernel, the
-evaluators (in process and on Dask) and the cluster."""
+evaluators (in process and on Dask), the cluster, and the names the Dask dashboard
+shows (``spans``)."""

@@ -1,5 +1,8 @@
 """Which Dask client a fit runs on, and the LocalCluster xpcsfit starts by default.
 
+Clusters described by a spec (``--cluster``) are started by :mod:`xpcsfit.engine.launch`
+from :mod:`xpcsfit.engine.specs`; their workers get the same settings as these.
+
 Worker settings: one thread per worker process, XLA's Eigen thread pool off, and the
 JAX backend started with a one-CPU thread pool (:func:`dask_setup`), so that
 n_workers × threads does not exceed the cores (JAX on CPU otherwise runs its kernels
@@ -30,7 +33,19 @@ WORKER_ENV = {
 }
 
 # Dask configuration while xpcsfit starts worker processes (see the module docstring).
-WORKER_DASK_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+_PRE_SPAWN = "distributed.nanny.pre-spawn-environ"
+WORKER_DASK_CONFIG = {f"{_PRE_SPAWN}.MALLOC_TRIM_THRESHOLD_": None}
+
+PRELOAD = "xpcsfit.engine.cluster"  # this module, run by every worker (dask_setup)
+
+
+def worker_environment() -> dict[str, str]:
+    """Environment of workers that xpcsfit does not spawn itself (batch jobs, pods):
+    :data:`WORKER_ENV` plus :data:`WORKER_DASK_CONFIG` as Dask's environment variable
+    (the nanny merges it into its pre-spawn environment)."""
+    # A Python literal, as Dask reads it: {"MALLOC_TRIM_THRESHOLD_": None}
+    spawn = ", ".join(f'"{k.removeprefix(_PRE_SPAWN + ".")}": {v!r}' for k, v in WORKER_DASK_CONFIG.items())
+    return dict(WORKER_ENV, DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=f"{{{spawn}}}")
 
 
 def dask_setup(worker) -> None:
@@ -77,8 +92,9 @@ def _drop_user_error_reports(record: logging.LogRecord) -> bool:
     return not text.startswith(_USER_ERRORS)
 
 
-def local_cluster(n_workers: int | None = None, memory_limit="auto"):
-    """Start a local cluster of worker processes on 127.0.0.1 with :data:`WORKER_ENV`.
+def local_cluster(n_workers: int | None = None, memory_limit="auto", *, host: str = "127.0.0.1",
+                  dashboard_address: str = "127.0.0.1:8787", security=None):
+    """Start a local cluster of worker processes with :data:`WORKER_ENV`.
 
     With CUDA GPUs visible (``nvidia-smi -L`` lists them) the cluster gets one worker
     per GPU (see :func:`gpu_cluster`); otherwise a LocalCluster of CPU workers.
@@ -89,23 +105,36 @@ def local_cluster(n_workers: int | None = None, memory_limit="auto"):
         Default: the number of cores (at most 8), or of GPUs.
     memory_limit : str or int
         Per worker, as for ``distributed.LocalCluster``.
+    host, dashboard_address : str
+        Where the scheduler and the workers (``host``) and the dashboard listen: this
+        machine only, by default.
+    security : distributed.security.Security, optional
+        TLS: scheduler and workers then listen on ``tls://``.
     """
     import dask
     from distributed import LocalCluster
 
     gpus = visible_gpus()
     if gpus:
-        return gpu_cluster(gpus[: n_workers or len(gpus)], memory_limit)
+        return gpu_cluster(gpus[: n_workers or len(gpus)], memory_limit, host=host,
+                           dashboard_address=dashboard_address, security=security)
     n = n_workers or max(1, min(8, os.cpu_count() or 1))
-    with dask.config.set(WORKER_DASK_CONFIG), warnings.catch_warnings():
-        # A dashboard port taken by another cluster is not the user's concern: the
-        # dashboard moves to a free port, and the fit prints its link.
-        warnings.filterwarnings("ignore", message="Port .* is already in use")
+    tls = {} if security is None else {"security": security, "protocol": "tls://"}
+    with dask.config.set(WORKER_DASK_CONFIG), dashboard_port_may_move():
         return LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1",
-            dashboard_address="127.0.0.1:8787", memory_limit=memory_limit, env=dict(WORKER_ENV),
-            silence_logs=40, preload=["xpcsfit.engine.cluster"],
+            n_workers=n, threads_per_worker=1, processes=True, host=host,
+            dashboard_address=dashboard_address, memory_limit=memory_limit, env=dict(WORKER_ENV),
+            silence_logs=40, preload=[PRELOAD], **tls,
         )
+
+
+@contextlib.contextmanager
+def dashboard_port_may_move():
+    """Silence Dask's warning that the dashboard port is taken: that is not the user's
+    concern, the dashboard moves to a free port and the fit prints its link."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Port .* is already in use")
+        yield
 
 
 def visible_gpus() -> list[str]:
@@ -122,7 +151,8 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
 
 
-def gpu_cluster(gpus: list[str], memory_limit="auto"):
+def gpu_cluster(gpus: list[str], memory_limit="auto", *, host: str = "127.0.0.1",
+                dashboard_address: str = "127.0.0.1:8787", security=None):
     """One worker process per GPU, each seeing only its own card (CUDA_VISIBLE_DEVICES).
 
     The workers run the same JAX kernels, which then execute on the GPU; XLA does not
@@ -132,21 +162,24 @@ def gpu_cluster(gpus: list[str], memory_limit="auto"):
     ----------
     gpus : list of str
         CUDA device indices, one worker each.
+    memory_limit, host, dashboard_address, security
+        As for :func:`local_cluster`.
     """
     import dask
     from distributed import Nanny, Scheduler, SpecCluster
 
-    scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": "127.0.0.1:8787"}}
+    tls = {} if security is None else {"security": security, "protocol": "tls://"}
+    scheduler = {"cls": Scheduler, "options": {"host": host, "dashboard_address": dashboard_address, **tls}}
     workers = {
         f"gpu-{g}": {
             "cls": Nanny,
-            "options": {"host": "127.0.0.1", "nthreads": 1, "memory_limit": memory_limit,
-                        "env": dict(WORKER_ENV, CUDA_VISIBLE_DEVICES=g), "preload": ["xpcsfit.engine.cluster"]},
+            "options": {"host": host, "nthreads": 1, "memory_limit": memory_limit,
+                        "env": dict(WORKER_ENV, CUDA_VISIBLE_DEVICES=g), "preload": [PRELOAD], **tls},
         }
         for g in gpus
     }
-    with dask.config.set(WORKER_DASK_CONFIG):
-        return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=40)
+    with dask.config.set(WORKER_DASK_CONFIG), dashboard_port_may_move():
+        return SpecCluster(scheduler=scheduler, workers=workers, silence_logs=40, security=security)
 
 
 def workers_info(client) -> dict:
@@ -162,25 +195,35 @@ def workers_info(client) -> dict:
 
 
 @contextlib.contextmanager
-def dask_client(client=None, scheduler: str | None = None, on_start=None):
+def dask_client(client=None, scheduler: str | None = None, on_start=None, cluster=None):
     """Yield the client a fit should use.
 
     Order: an explicit ``client``; inside a Dask task, a ``worker_client`` (the fit
-    fans out its tile tasks from the worker); a ``scheduler`` address; the current
-    default client of this process; else a new LocalCluster, closed on exit.
+    fans out its tile tasks from the worker); a ``scheduler`` address; a ``cluster``
+    spec, started here and closed on exit; the current default client of this process;
+    else a new LocalCluster, closed on exit.
 
     Parameters
     ----------
-    on_start : callable(client), optional
-        Called when a LocalCluster was started here (to print the dashboard link).
+    scheduler : str, optional
+        Address of a running scheduler. A ``tls://`` address takes its certificates
+        from Dask's configuration (``distributed.comm.tls.*``: see
+        :func:`xpcsfit.engine.security.dask_tls_environment`), as every Dask client does.
+    on_start : callable(client, what), optional
+        Called when a cluster was started here (to print ``what`` and the dashboard link).
+    cluster : str, Path or spec, optional
+        A cluster spec (:func:`xpcsfit.engine.specs.load_cluster_spec`); not with ``scheduler``.
 
     Raises
     ------
     ConfigError
-        If the scheduler address cannot be reached.
+        If the scheduler address cannot be reached or has no certificates for tls://,
+        both ``scheduler`` and ``cluster`` are given, or the spec is bad.
     """
     from distributed import Client, default_client, get_worker, worker_client
 
+    if scheduler and cluster is not None:
+        raise ConfigError(f"scheduler {scheduler} and cluster {cluster}: give one, not both")
     if client is not None:
         yield client
         return
@@ -194,11 +237,14 @@ def dask_client(client=None, scheduler: str | None = None, on_start=None):
             yield wc
         return
     if scheduler:
-        try:
-            c = Client(scheduler, timeout="20s")
-        except (OSError, TimeoutError) as exc:
-            raise ConfigError(f"scheduler {scheduler}: cannot connect ({exc})") from None
-        with c:
+        with _scheduler_client(scheduler) as c:
+            yield c
+        return
+    if cluster is not None:
+        from xpcsfit.engine.launch import cluster_client
+        from xpcsfit.engine.specs import load_cluster_spec
+
+        with cluster_client(load_cluster_spec(cluster), on_start) as c:
             yield c
         return
     try:
@@ -208,7 +254,27 @@ def dask_client(client=None, scheduler: str | None = None, on_start=None):
     if existing is not None:
         yield existing
         return
-    with local_cluster() as cluster, Client(cluster) as c:
+    with local_cluster() as local, Client(local) as c:
         if on_start is not None:
-            on_start(c)
+            on_start(c, f"a {type(local).__name__}")
         yield c
+
+
+def _scheduler_client(address: str):
+    """Client of a running scheduler; ConfigError (one line) when it cannot connect.
+
+    Security: Dask's configuration, as for any ``Client(address)``; a ``tls://`` address
+    without a CA configured there is refused before trying.
+    """
+    from distributed import Client
+    from distributed.security import Security
+
+    if address.startswith("tls://") and Security().tls_ca_file is None:
+        raise ConfigError(
+            f"scheduler {address}: no TLS certificates in Dask's configuration; set "
+            "DASK_DISTRIBUTED__COMM__TLS__CA_FILE, ..._TLS__CLIENT__CERT and ..._TLS__CLIENT__KEY "
+            "(`xpcsfit certs` prints them)")
+    try:
+        return Client(address, timeout="20s")
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"scheduler {address}: cannot connect ({' '.join(str(exc).split())})") from None

@@ -15,12 +15,17 @@ anything of trust regions. What a pass computes is written once, in
 Sums are added over a fixed tree (groups of :data:`FAN_IN` tiles, then groups of FAN_IN
 of those, …). A part is an aligned subtree of it, so the result is bit for bit the same
 whatever the number of parts or workers.
+
+On Dask, every pass runs in a dashboard span and its tasks have readable keys
+(:mod:`xpcsfit.engine.spans`): ``("xpcsfit-<kind>-<token>-pass-<n>", part)``, kinds
+"load", "lag-sums", "normal-equations", "costs" and those of :meth:`TileEvaluator.map_tiles`;
+:meth:`TileEvaluator.phase` opens a span of its own for the passes in it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-import uuid
 from functools import reduce
 from operator import add
 
@@ -37,6 +42,7 @@ from xpcsfit.engine.kernel import (
     tile_lag_sums,
 )
 from xpcsfit.engine.memory import shortfall, worker_memory, workers_dying
+from xpcsfit.engine.spans import current_span, inside, new_token, span_annotation, task_name
 from xpcsfit.engine.sums import BlockSums, NormalEquations
 from xpcsfit.engine.tiles import TileSpec
 from xpcsfit.errors import ConfigError
@@ -59,7 +65,8 @@ class TileEvaluator:
     """One pass over the tiles, written once: block sums, normal equations, costs, lag sums.
 
     Subclasses say where ``func(tile, *args)`` runs: :meth:`_map` returns its results in
-    tile order, :meth:`_map_reduce` their :func:`tree_sum`.
+    tile order, :meth:`_map_reduce` their :func:`tree_sum`; both get the pass's kind
+    (which names its Dask tasks, see :func:`xpcsfit.engine.spans.task_name`).
 
     Parameters
     ----------
@@ -88,11 +95,22 @@ class TileEvaluator:
         self.other_passes = 0
         self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
 
-    def _map(self, name: str, func, *args) -> list:
+    def _map(self, kind: str, func, *args) -> list:
         raise NotImplementedError
 
-    def _map_reduce(self, name: str, func, x: np.ndarray):
+    def _map_reduce(self, kind: str, func, x: np.ndarray):
         raise NotImplementedError
+
+    @property
+    def passes(self) -> int:
+        """Passes made so far, of every kind: the number of the latest (1-based)."""
+        return self.normal_passes + self.cost_passes + self.other_passes
+
+    def phase(self, name: str):
+        """Context: the passes made in it belong to the phase ``name`` of the work
+        ("start values", "iteration 3", "write outputs"). On Dask a span of that name
+        (below the evaluator's) that the dashboard shows; in process, nothing."""
+        return contextlib.nullcontext()
 
     def block_sums(self, x) -> BlockSums:
         """Block sums at x (P,), also kept with x as ``last_block_sums``."""
@@ -111,14 +129,18 @@ class TileEvaluator:
         self.cost_passes += 1
         return self._map_reduce("costs", tile_costs, np.atleast_2d(np.asarray(xs, float)))
 
-    def map_tiles(self, func, *args) -> list:
-        """``func(tile, *args)`` for every tile, in tile order; counted in ``other_passes``."""
+    def map_tiles(self, kind: str, func, *args) -> list:
+        """``func(tile, *args)`` for every tile, in tile order; counted in ``other_passes``.
+
+        ``kind`` names the pass in its task keys, lower-case words joined by "-" (e.g.
+        "write-outputs": keys ``("xpcsfit-write-outputs-<token>-pass-<n>", part)``).
+        """
         self.other_passes += 1
-        return self._map(func.__name__, func, *args)
+        return self._map(kind, func, *args)
 
     def lag_sums(self, n_lags: int) -> tuple[np.ndarray, np.ndarray]:
         """Σ c2 and point counts per bin and lag, (n_bins, n_lags) each (start values)."""
-        per_tile = self.map_tiles(tile_lag_sums)
+        per_tile = self.map_tiles("lag-sums", tile_lag_sums)
         return add_lag_sums(per_tile, self.bin_starts, self.layout.n_bins, self.layout.n_phi, n_lags)
 
 
@@ -137,11 +159,11 @@ class InProcessEvaluator(TileEvaluator):
         super().__init__(tiles, layout, mode, L)
         self.tiles = list(tiles)
 
-    def _map(self, name, func, *args) -> list:
+    def _map(self, kind, func, *args) -> list:
         return [func(t, *args) for t in self.tiles]
 
-    def _map_reduce(self, name, func, x):
-        return tree_sum(self._map(name, func, x, self.layout, self.mode, self.L))
+    def _map_reduce(self, kind, func, x):
+        return tree_sum(self._map(kind, func, x, self.layout, self.mode, self.L))
 
     def close(self):
         self.tiles = []
@@ -208,6 +230,11 @@ class DaskEvaluator(TileEvaluator):
         :data:`HOLD_FRACTION` of the workers' summed memory limit and fit beside the
         kernel workspace (see :func:`xpcsfit.engine.memory.shortfall`), else stream.
         The attribute ``storage`` is the choice made ("hold" or "stream").
+    span : tuple of str, optional
+        Tags of the dashboard span that this evaluator's tasks run in, below the span
+        current at its creation (e.g. ``("xpcsfit fit", "run42.hdf q=0.005555")``; see
+        :mod:`xpcsfit.engine.spans`). The parts are loaded in its child span "load
+        tiles", and :meth:`phase` opens others. None: the span current at its creation.
 
     Notes
     -----
@@ -215,7 +242,8 @@ class DaskEvaluator(TileEvaluator):
     placed on one worker (round robin; a part whose worker dies is reloaded elsewhere by
     Dask). One pass is one task per part: x goes out inside each task, one set of sums
     per part comes back, so the bytes and scheduler messages per pass depend on the
-    number of workers, not on the number of points.
+    number of workers, not on the number of points. Task keys: ``("xpcsfit-load-<token>",
+    part)`` for the parts, ``("xpcsfit-<kind>-<token>-pass-<n>", part)`` per pass.
 
     Raises
     ------
@@ -230,7 +258,7 @@ class DaskEvaluator(TileEvaluator):
     HOLD_FRACTION = 0.4
 
     def __init__(self, client, specs, layout: ParameterLayout, mode: str, L: float,
-                 storage: str = "auto"):
+                 storage: str = "auto", span: tuple[str, ...] | None = None):
         from distributed import wait
 
         super().__init__(specs, layout, mode, L)
@@ -238,7 +266,9 @@ class DaskEvaluator(TileEvaluator):
         self.pass_seconds: list[float] = []
         self.bytes_to_workers = 0
         self.bytes_from_workers = 0
-        self._token = uuid.uuid4().hex[:8]
+        self._token = new_token()
+        # Kept and re-entered at every submission: the span outlives any one call.
+        self._span = span_annotation(*span) if span else current_span()
         self.tile_bytes = sum(s.nbytes for s in specs)
         self._tile_shape = (specs[0].size, specs[0].phi.size) if specs else (0, 0)
         info = workers_info(client)
@@ -252,9 +282,11 @@ class DaskEvaluator(TileEvaluator):
         self.storage = self._choose_storage(storage, groups, workers, memory)
         self.parts = []
         place = _load_part if self.storage == "hold" else _keep_part
-        for i, group in enumerate(groups):
-            where = dict(workers=[workers[i % len(workers)]], allow_other_workers=True) if workers else {}
-            self.parts.append(client.submit(place, group, key=f"xpcsfit-part-{self._token}-{i}", **where))
+        name = task_name("load", self._token)
+        with self.phase("load tiles"):
+            for i, group in enumerate(groups):
+                where = dict(workers=[workers[i % len(workers)]], allow_other_workers=True) if workers else {}
+                self.parts.append(self._submit(place, group, key=(name, i), **where))
         if workers:
             self._release_placement([f.key for f in self.parts])
         pending = set(self.parts)
@@ -273,6 +305,23 @@ class DaskEvaluator(TileEvaluator):
         # compiled, and what it compiled once warm.
         self._compiled_at_start = {w: n for w, (_, n) in memory.items()}
         self._compiled_when_warm: dict | None = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """Context: the passes made in it run in the span ``name``, a child of the
+        evaluator's current span (phases nest)."""
+        outer = self._span
+        with inside(outer):
+            self._span = span_annotation(name)
+        try:
+            yield
+        finally:
+            self._span = outer
+
+    def _submit(self, func, *args, **kwargs):
+        """``client.submit``, in the current span."""
+        with inside(self._span):
+            return self.client.submit(func, *args, **kwargs)
 
     def _release_placement(self, keys: list) -> None:
         """Drop the parts' worker restrictions once the scheduler has placed them.
@@ -324,16 +373,13 @@ class DaskEvaluator(TileEvaluator):
         tile_mib = self.tile_bytes / max(1, self.n_tiles) / 2**20
         return workers_dying(self.client, what, futures, self._limits, self._tile_shape, tile_mib)
 
-    def _map_reduce(self, name, func, x):
+    def _map_reduce(self, kind, func, x):
         started = time.perf_counter()
-        pass_id = self.normal_passes + self.cost_passes
+        name = task_name(kind, self._token, self.passes)
         self.bytes_to_workers += x.nbytes * len(self.parts)  # x (P or 4 × P numbers) goes in each task
-        futures = [
-            self.client.submit(_part_sum, func, part, x, self.layout, self.mode, self.L,
-                               key=f"xpcsfit-{name}-{self._token}-{pass_id}-part-{i}")
-            for i, part in enumerate(self.parts)
-        ]
-        with self._workers_dying(f"computing {name}", futures):
+        futures = [self._submit(_part_sum, func, part, x, self.layout, self.mode, self.L, key=(name, i))
+                   for i, part in enumerate(self.parts)]
+        with self._workers_dying(f"computing {kind.replace('-', ' ')}", futures):
             sums = self.client.gather(futures)
         self.bytes_from_workers += sum(getattr(s, "nbytes", 8) for s in sums)
         result = tree_sum(sums)
@@ -343,11 +389,10 @@ class DaskEvaluator(TileEvaluator):
             self._compiled_when_warm = self.compilations()  # every kernel has run once
         return result
 
-    def _map(self, name, func, *args) -> list:
-        futures = [self.client.submit(_part_map, func, part, *args,
-                                      key=f"xpcsfit-{name}-{self._token}-{self.other_passes}-{i}")
-                   for i, part in enumerate(self.parts)]
-        with self._workers_dying(f"running {name}", futures):
+    def _map(self, kind, func, *args) -> list:
+        name = task_name(kind, self._token, self.passes)
+        futures = [self._submit(_part_map, func, part, *args, key=(name, i)) for i, part in enumerate(self.parts)]
+        with self._workers_dying(f"running {kind.replace('-', ' ')}", futures):
             gathered = self.client.gather(futures)
         return [r for results in gathered for r in results]
 

@@ -13,6 +13,8 @@ import xarray as xr
 from xpcsfit.config import FitConfig, load_config
 from xpcsfit.engine.cluster import dask_client
 from xpcsfit.engine.evaluator import DaskEvaluator, TileEvaluator
+from xpcsfit.engine.spans import span_label
+from xpcsfit.engine.specs import load_cluster_spec
 from xpcsfit.engine.tiles import DEFAULT_TILE, TileSpec, count_points, plan_tiles
 from xpcsfit.errors import ConfigError
 from xpcsfit.io.dataset import open_dataset
@@ -43,7 +45,7 @@ from xpcsfit.solver import IterationReport, SolverState, TrustRegionLM
 
 def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
         config=None, out=None, client=None, scheduler=None, tile=None, dt=None,
-        progress=True, resume=True) -> FitResult:
+        progress=True, resume=True, cluster=None) -> FitResult:
     """Fit the homodyne model to two-time c2 data on a Dask cluster.
 
     Parameters
@@ -65,10 +67,13 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         Directory for fit.json, fitted.zarr and PNGs (replaced atomically). None: write
         nothing.
     client : distributed.Client, optional
-        Default: inside a Dask task the worker's client; else ``scheduler``; else the
-        process's default client; else a new LocalCluster.
+        Default: inside a Dask task the worker's client; else ``scheduler``; else
+        ``cluster``; else the process's default client; else a new LocalCluster.
     scheduler : str, optional
-        Address of a running scheduler.
+        Address of a running scheduler (``tls://``: certificates from Dask's configuration).
+    cluster : str or Path, optional
+        Cluster spec to start for this fit: a YAML file (see cluster/) or one of local,
+        gpu, slurm, pbs, kubernetes (:mod:`xpcsfit.engine.specs`); checked before any work.
     tile : int, optional
         Tile edge in frames (default: the config's, else a store's chunk side, else 128).
     progress : bool
@@ -95,18 +100,20 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     """
     started = time.perf_counter()
     enable_float64()
+    cluster = None if cluster is None else load_cluster_spec(cluster)
     cfg = load_config(config, mode=mode, gap=gap, tile=tile)
     plan = _plan(input, cfg, dict(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt))
     say(progress, _describe(input, cfg, plan))
 
-    def announce(c):
-        say(progress, f"xpcsfit: started a LocalCluster, dashboard {c.dashboard_link}")
+    def announce(c, what):
+        say(progress, f"xpcsfit: started {what}, dashboard {c.dashboard_link}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
-    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce) as cl:
+    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce, cluster=cluster) as cl:
         for stale in getattr(target, "removed_partials", ()):
             say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
-        evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory)
+        evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory,
+                                  span=("xpcsfit fit", span_label(input, plan.ds["q"].values)))
         say(progress, f"xpcsfit: tiles in {len(evaluator.parts)} parts on {evaluator.n_workers} workers, "
                       f"memory {evaluator.storage} ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
         if plan.gap_defaulted:
@@ -214,24 +221,24 @@ def _solve(evaluator: TileEvaluator, ds, cfg, layout, L, size, progress, checkpo
     iteration; a saved state of this very fit (same fingerprint) is resumed from, and
     one that is not is named in one progress line with the reason.
     """
-    x0, lower, upper = _starting_point(evaluator, ds, cfg, layout, L)
-    say(progress, "xpcsfit: start " + ", ".join(
-        f"{n}={v:.4g}" for n, v in zip(layout.physics, x0[: layout.p])))
-
     def report(r: IterationReport):
         say(progress, f"  iter {r.iteration:3d}  cost {r.cost:.8e}  step {r.step_norm:.3e}  "
                       f"damping {r.damping:.2e}  rho {r.rho:.3f}  passes {r.passes}")
 
-    solver = TrustRegionLM(lower, upper, callback=report, **cfg.solver.model_dump())
-    state, resumed_from = None, None
-    if checkpoint is not None:
-        saved, note = checkpoint.open(fingerprint(ds, cfg, L, size, x0, lower, upper), ds.attrs["source"])
-        if note:
-            say(progress, note)
-        if saved is not None:
-            state, resumed_from = _resume(solver, evaluator, saved, checkpoint, progress)
-    if state is None:
-        state = solver.init(evaluator, x0)
+    with evaluator.phase("start values"):  # the start, and the normal equations there
+        x0, lower, upper = _starting_point(evaluator, ds, cfg, layout, L)
+        say(progress, "xpcsfit: start " + ", ".join(
+            f"{n}={v:.4g}" for n, v in zip(layout.physics, x0[: layout.p])))
+        solver = TrustRegionLM(lower, upper, callback=report, **cfg.solver.model_dump())
+        state, resumed_from = None, None
+        if checkpoint is not None:
+            saved, note = checkpoint.open(fingerprint(ds, cfg, L, size, x0, lower, upper), ds.attrs["source"])
+            if note:
+                say(progress, note)
+            if saved is not None:
+                state, resumed_from = _resume(solver, evaluator, saved, checkpoint, progress)
+        if state is None:
+            state = solver.init(evaluator, x0)
     state = _iterate(solver, evaluator, state, checkpoint, progress)
     this_run = "" if resumed_from is None else \
         f" ({evaluator.normal_passes + evaluator.cost_passes} in this run)"
@@ -246,7 +253,8 @@ def _iterate(solver: TrustRegionLM, evaluator, state: SolverState, checkpoint, p
     """Step until the solver terminates, saving the state after every step (until the
     checkpoint cannot be written: then one warning, and no more tries)."""
     while not solver.terminate(state)[0]:
-        state = solver.step(evaluator, state)
+        with evaluator.phase(f"iteration {state.iteration + 1}"):
+            state = solver.step(evaluator, state)
         if checkpoint is not None:
             try:
                 checkpoint.save(state.saved())
@@ -359,7 +367,9 @@ def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
     m = len(range(0, t.size, s))
     store = tmp / "fitted.zarr"
     create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
-    samples = evaluator.map_tiles(_write_tile, result.x, layout, cfg.mode, L, str(store), lead, s)
+    with evaluator.phase("write outputs"):
+        samples = evaluator.map_tiles("write-outputs", _write_tile, result.x, layout, cfg.mode, L, str(store),
+                                      lead, s)
     data = np.full((layout.n_q, layout.n_phi, m, m), np.nan, np.float32)
     model = np.full_like(data, np.nan)
     while samples:  # pop: each sample is freed once copied into the grids
