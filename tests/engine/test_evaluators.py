@@ -9,7 +9,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from xpcsfit.engine.evaluator import DaskEvaluator, part_size, tree_sum
+from xpcsfit.engine.evaluator import DaskEvaluator
+from xpcsfit.engine.parts import part_size, tree_sum
 
 from problems import PROBLEMS, L
 

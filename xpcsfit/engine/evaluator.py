@@ -12,9 +12,9 @@ anything of trust regions. What a pass computes is written once, in
   (``stream``), and per pass sends only x (inside each part's task) and gets back one
   set of sums per part.
 
-Sums are added over a fixed tree (groups of :data:`FAN_IN` tiles, then groups of FAN_IN
-of those, …). A part is an aligned subtree of it, so the result is bit for bit the same
-whatever the number of parts or workers.
+Sums are added over a fixed tree, and a part is an aligned subtree of it
+(:mod:`xpcsfit.engine.parts`), so the result is bit for bit the same whatever the number
+of parts or workers.
 
 On Dask, every pass runs in a dashboard span and its tasks have readable keys
 (:mod:`xpcsfit.engine.spans`): ``("xpcsfit-<kind>-<token>-pass-<n>", part)``, kinds
@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from functools import reduce
-from operator import add
 
 import numpy as np
 
@@ -42,23 +40,25 @@ from xpcsfit.engine.kernel import (
     tile_lag_sums,
 )
 from xpcsfit.engine.memory import shortfall, worker_memory, workers_dying
-from xpcsfit.engine.spans import current_span, inside, new_token, span_annotation, task_name
+from xpcsfit.engine.parts import (
+    keep_part,
+    load_part,
+    part_map,
+    part_size,
+    part_sum,
+    tree_sum,
+)
+from xpcsfit.engine.spans import (
+    current_span,
+    inside,
+    new_token,
+    span_annotation,
+    task_name,
+)
 from xpcsfit.engine.sums import BlockSums, NormalEquations
-from xpcsfit.engine.tiles import TileSpec
 from xpcsfit.errors import ConfigError
 from xpcsfit.model import enable_float64
 from xpcsfit.parameters import ParameterLayout
-
-FAN_IN = 2
-PARTS_PER_WORKER = 2
-
-
-def tree_sum(values: list):
-    """Sum ``values`` over the fixed reduction tree: groups of FAN_IN, left to right."""
-    level = list(values)
-    while len(level) > 1:
-        level = [reduce(add, level[i : i + FAN_IN]) for i in range(0, len(level), FAN_IN)]
-    return level[0]
 
 
 class TileEvaluator:
@@ -169,48 +169,6 @@ class InProcessEvaluator(TileEvaluator):
         self.tiles = []
 
 
-def _load_part(specs: list[TileSpec]) -> list[Tile]:
-    """Worker task: load the tiles of one part (memory ``hold``)."""
-    return [s.load() for s in specs]
-
-
-def _keep_part(specs: list[TileSpec]) -> list[TileSpec]:
-    """Worker task: keep the specs of one part (memory ``stream``).
-
-    A task rather than a scatter, so that Dask can recompute it if its worker dies.
-    """
-    return specs
-
-
-def _part_map(func, part: list, *args) -> list:
-    """Worker task: ``[func(tile, *args) for tile in part]``.
-
-    A streamed part (specs) loads one tile at a time, so a worker holds one tile plus
-    the small per-tile results whatever the part's size.
-    """
-    return [func(t.load() if isinstance(t, TileSpec) else t, *args) for t in part]
-
-
-def _part_sum(func, part: list, *args):
-    """Worker task: ``func(tile, *args)`` over one part's tiles, tree-summed."""
-    return tree_sum(_part_map(func, part, *args))
-
-
-def part_size(n_tiles: int, n_workers: int) -> int:
-    """Tiles per part: the largest power of FAN_IN that leaves PARTS_PER_WORKER parts
-    per worker (for balance), or 1.
-
-    Parts are aligned subtrees of the reduction tree (see :func:`tree_sum`), and the
-    number of tasks per pass is at most about FAN_IN·PARTS_PER_WORKER per worker
-    however many tiles (points) there are.
-    """
-    size = 1
-    wanted = PARTS_PER_WORKER * max(1, n_workers)
-    while -(-n_tiles // (size * FAN_IN)) >= wanted:
-        size *= FAN_IN
-    return size
-
-
 class DaskEvaluator(TileEvaluator):
     """Evaluate tiles on dask.distributed workers, held in memory or streamed.
 
@@ -281,7 +239,7 @@ class DaskEvaluator(TileEvaluator):
         memory = client.run(worker_memory, workers=workers, on_error="ignore") if workers else {}
         self.storage = self._choose_storage(storage, groups, workers, memory)
         self.parts = []
-        place = _load_part if self.storage == "hold" else _keep_part
+        place = load_part if self.storage == "hold" else keep_part
         name = task_name("load", self._token)
         with self.phase("load tiles"):
             for i, group in enumerate(groups):
@@ -377,7 +335,7 @@ class DaskEvaluator(TileEvaluator):
         started = time.perf_counter()
         name = task_name(kind, self._token, self.passes)
         self.bytes_to_workers += x.nbytes * len(self.parts)  # x (P or 4 × P numbers) goes in each task
-        futures = [self._submit(_part_sum, func, part, x, self.layout, self.mode, self.L, key=(name, i))
+        futures = [self._submit(part_sum, func, part, x, self.layout, self.mode, self.L, key=(name, i))
                    for i, part in enumerate(self.parts)]
         with self._workers_dying(f"computing {kind.replace('-', ' ')}", futures):
             sums = self.client.gather(futures)
@@ -391,7 +349,7 @@ class DaskEvaluator(TileEvaluator):
 
     def _map(self, kind, func, *args) -> list:
         name = task_name(kind, self._token, self.passes)
-        futures = [self._submit(_part_map, func, part, *args, key=(name, i)) for i, part in enumerate(self.parts)]
+        futures = [self._submit(part_map, func, part, *args, key=(name, i)) for i, part in enumerate(self.parts)]
         with self._workers_dying(f"running {kind.replace('-', ' ')}", futures):
             gathered = self.client.gather(futures)
         return [r for results in gathered for r in results]

@@ -20,7 +20,13 @@ import contextlib
 import shlex
 import time
 
-from xpcsfit.engine.cluster import PRELOAD, dashboard_port_may_move, gpu_cluster, local_cluster, worker_environment
+from xpcsfit.engine.cluster import (
+    PRELOAD,
+    dashboard_port_may_move,
+    gpu_cluster,
+    local_cluster,
+    worker_environment,
+)
 from xpcsfit.engine.security import CA, CERT, KEY, security
 from xpcsfit.engine.specs import KubernetesSpec, PBSSpec, SlurmSpec
 from xpcsfit.errors import ConfigError

@@ -35,10 +35,26 @@ import typing
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from xpcsfit.config import read_yaml_mapping, short_repr
-from xpcsfit.engine.security import CA, CERT, KEY, check_tls_files, default_certificate_directory
+from xpcsfit.engine.security import (
+    CA,
+    CERT,
+    KEY,
+    check_tls_files,
+    default_certificate_directory,
+)
 from xpcsfit.errors import ConfigError
 
 NAMES = ("local", "gpu", "slurm", "pbs", "kubernetes")
