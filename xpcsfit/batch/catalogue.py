@@ -244,10 +244,11 @@ class Catalogue:
     def latest(self) -> list[dict]:
         """Per unit, its latest attempt (``status``, ``error``, times) with its current
         result's columns (None where it has none), ordered by input and q_index."""
+        unit = ("input", "q_index", "q", "q_values", "mode")  # from the attempt: a unit may have no result
+        result = ", ".join(f"r.{c}" for c in self._columns("results") if c not in unit)
         rows = self._db.execute(
             "SELECT a.id AS attempt_id, a.status, a.error, a.started_at, a.ended_at AS attempt_ended_at,"
-            " a.fingerprint AS attempt_fingerprint, r.*, a.input AS input, a.q_index AS q_index,"
-            " a.q AS q, a.q_values AS q_values, a.mode AS mode"
+            f" a.fingerprint AS attempt_fingerprint, {', '.join(f'a.{c}' for c in unit)}, {result}"
             " FROM attempts a LEFT JOIN results r ON r.input = a.input AND r.q_index = a.q_index"
             " WHERE a.id = (SELECT max(id) FROM attempts b WHERE b.input = a.input AND b.q_index = a.q_index)"
             " ORDER BY a.input, a.q_index").fetchall()
