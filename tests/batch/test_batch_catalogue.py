@@ -21,6 +21,7 @@ def results(fitted):
     return {mode: FitResult.from_json(d / "fit.json") for mode, d in fitted.items()}
 
 
+@pytest.mark.slow  # the session's two small fits on a LocalCluster
 def test_attempt_lifecycle_and_current_result(tmp_path, results, fitted):
     path = tmp_path / "cat" / "xpcsfit.sqlite"
     r = results["laminar_flow"]
@@ -57,6 +58,7 @@ def test_attempt_lifecycle_and_current_result(tmp_path, results, fitted):
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.slow  # the session's two small fits on a LocalCluster
 def test_static_result_and_queries(tmp_path, results):
     path = tmp_path / "xpcsfit.sqlite"
     with Catalogue(path, write=True) as cat:
@@ -112,7 +114,7 @@ def test_schema_version_and_migration(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=rf"schema 1, this xpcsfit reads {step}; the next xpcsfit batch run migrates it"):
         Catalogue(path)
     with Catalogue(path, write=True) as cat:
-        assert "note" in cat._columns("results")
+        assert "note" in cat.columns("results")
     monkeypatch.setattr(catmod, "SCHEMA_VERSION", 1)
     with pytest.raises(InputError, match=rf"catalogue schema {step} is newer than this xpcsfit reads \(1\)"):
         Catalogue(path)
@@ -137,6 +139,7 @@ def test_not_a_catalogue(tmp_path):
         Catalogue(junk)
 
 
+@pytest.mark.slow  # the session's two small fits on a LocalCluster
 def test_fit_json_is_what_the_catalogue_reads(fitted):
     doc = json.loads((fitted["static"] / "fit.json").read_text())
     assert doc["mode"] == "static" and "transport" in doc

@@ -10,6 +10,8 @@ from xpcsfit.batch.catalogue import Catalogue
 from xpcsfit.batch.report import COLUMNS, write_report
 from xpcsfit.leastsq.results import FitResult
 
+pytestmark = pytest.mark.slow  # the rows come from the session's two small fits on a LocalCluster
+
 
 class Table(HTMLParser):
     """The body rows of the page: per row its class, cell texts, links and images."""

@@ -196,7 +196,7 @@ class Catalogue:
         values = {**dict(row), **_result_columns(result)}
         values.update(attempt=attempt, result_path=None if result_path is None else str(result_path),
                       wall_time_s=wall, ended_at=ended)
-        columns = [c for c in self._columns("results") if c in values]
+        columns = [c for c in self.columns("results") if c in values]
         with self._transaction():
             self._db.execute(
                 "UPDATE attempts SET status = 'done', ended_at = ?, wall_time_s = ?, result_path = ? WHERE id = ?",
@@ -245,7 +245,7 @@ class Catalogue:
         """Per unit, its latest attempt (``status``, ``error``, times) with its current
         result's columns (None where it has none), ordered by input and q_index."""
         unit = ("input", "q_index", "q", "q_values", "mode")  # from the attempt: a unit may have no result
-        result = ", ".join(f"r.{c}" for c in self._columns("results") if c not in unit)
+        result = ", ".join(f"r.{c}" for c in self.columns("results") if c not in unit)
         rows = self._db.execute(
             "SELECT a.id AS attempt_id, a.status, a.error, a.started_at, a.ended_at AS attempt_ended_at,"
             f" a.fingerprint AS attempt_fingerprint, {', '.join(f'a.{c}' for c in unit)}, {result}"
@@ -271,7 +271,8 @@ class Catalogue:
             raise KeyError(f"no attempt {attempt} in {self.path}")
         return row
 
-    def _columns(self, table: str) -> list[str]:
+    def columns(self, table: str) -> list[str]:
+        """The column names of ``table`` ("attempts" or "results"), in order."""
         return [r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")]
 
     def _transaction(self):
@@ -335,7 +336,7 @@ def catalogue(path: str | Path, where: str | None = None):
     except ImportError:
         raise ImportError("xpcsfit.catalogue needs pandas: pip install pandas") from None
     with Catalogue(path) as cat:
-        rows, columns = cat.results(where), cat._columns("results")
+        rows, columns = cat.results(where), cat.columns("results")
     frame = pd.DataFrame(rows, columns=columns)
     frame["converged"] = frame["converged"].astype(bool)
     frame["ended_at"] = pd.to_datetime(frame["ended_at"], utc=True)
