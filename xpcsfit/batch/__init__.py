@@ -8,6 +8,7 @@
 - :mod:`~xpcsfit.batch.fingerprint` — what makes a stored result the result of a unit.
 - :mod:`~xpcsfit.batch.catalogue` — the SQLite results catalogue and its queries.
 - :mod:`~xpcsfit.batch.report` — the static index.html.
+- :mod:`~xpcsfit.batch.plan` — fit or skip each unit, and why (``--dry-run``).
 - :mod:`~xpcsfit.batch.query` — ``xpcsfit results``: the catalogue as table, CSV, JSON.
 
 Nothing is re-exported here: three modules share their names with their main function

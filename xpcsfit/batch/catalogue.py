@@ -222,6 +222,13 @@ class Catalogue:
             (str(input), _q_key(q_index), fingerprint)).fetchone()
         return None if row is None else _row(row)
 
+    def last_attempt(self, input, q_index) -> dict | None:
+        """The latest attempt of the unit (input, q_index), or None if it has none."""
+        row = self._db.execute(
+            "SELECT * FROM attempts WHERE input = ? AND q_index = ? ORDER BY id DESC LIMIT 1",
+            (str(input), _q_key(q_index))).fetchone()
+        return None if row is None else _row(row)
+
     def results(self, where: str | None = None) -> list[dict]:
         """Current results (a dict per row; warnings and q_values as lists), optionally filtered.
 
