@@ -53,6 +53,16 @@ def test_roots_file_and_overlap(tree):
     assert single.found[0].root == (tree / "c").resolve()
 
 
+def test_linked_file_keeps_its_place_in_the_tree(tree, tmp_path):
+    root = tmp_path / "linked"
+    (root / "s").mkdir(parents=True)
+    (root / "s" / "one.hdf").symlink_to(tree / "a" / "one.hdf")
+    (root / "s" / "again.hdf").symlink_to(tree / "a" / "one.hdf")
+    d = discover(root)
+    assert [f.path for f in d.found] == [root / "s" / "again.hdf"]  # the same file once
+    assert d.found[0].root == root
+
+
 def test_missing_root_is_one_line_error(tmp_path):
     with pytest.raises(InputError, match=r"nowhere: no such file or directory$"):
         discover(tmp_path / "nowhere")

@@ -32,7 +32,7 @@ class Found:
     Attributes
     ----------
     path : Path
-        Absolute path of the file.
+        Absolute path of the file, as reached from its ROOT (links not resolved).
     root : Path
         The absolute ROOT it was found under (its parent when ROOT is the file itself).
     info : FileInfo
@@ -83,8 +83,8 @@ def discover(roots, pattern: str | None = None) -> Discovery:
     ----------
     roots : str, Path or sequence of them
         Directories searched recursively (symbolic links to directories are not
-        followed: they can loop), or single files. A file reached from two roots is
-        listed once, under the first.
+        followed: they can loop), or single files. A file reached from two roots (or
+        twice through links to files) is listed once, the first time.
     pattern : str, optional
         fnmatch pattern. Without a ``/`` it is matched against the file name (at any
         depth); with one, against the path relative to its root, part by part (each
@@ -105,19 +105,23 @@ def discover(roots, pattern: str | None = None) -> Discovery:
     found, skipped, seen = [], [], set()
     for root in roots:
         for path, base in _candidates(Path(root), pattern):
-            if path in seen:
+            if path.resolve() in seen:
                 continue
-            seen.add(path)
+            seen.add(path.resolve())
             item = _examine(path, base)
             (found if isinstance(item, Found) else skipped).append(item)
     return Discovery(sorted(found, key=lambda f: f.path), sorted(skipped, key=lambda s: s.path))
 
 
 def _candidates(root: Path, pattern: str | None):
-    """(absolute path, absolute root) of every candidate file under ``root``."""
+    """(absolute path, absolute root) of every candidate file under ``root``.
+
+    Paths are made absolute, not resolved: a file linked into the tree keeps its place
+    in it (its settings cascade and mirrored result directory follow that place).
+    """
     if not (root.exists() or root.is_symlink()):
         raise InputError(f"{root}: no such file or directory")
-    root = root.resolve()
+    root = Path(os.path.abspath(root))
     if root.is_file():
         yield root, root.parent
         return
@@ -128,7 +132,7 @@ def _candidates(root: Path, pattern: str | None):
             if name.startswith(".") or not path.is_file():
                 continue
             if _matches(path.relative_to(root).as_posix(), name, pattern):
-                yield path.resolve(), root
+                yield path, root
 
 
 def _matches(relative: str, name: str, pattern: str | None) -> bool:

@@ -23,6 +23,7 @@ naming the file that gave the key (for a check across keys, every file merged).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -139,7 +140,7 @@ class SettingsCascade:
             An xpcsfit.yaml cannot be read, is not valid YAML or not a mapping, or the
             merge has an unknown key or a bad value: one line naming the file and key.
         """
-        path, root = Path(path).resolve(), Path(root).resolve()
+        path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
         layers = list(self._base)
         for directory in _directories(root, path.parent):
             mapping = self._read(directory)
