@@ -1,4 +1,4 @@
-"""The ``xpcsfit`` command: one parser for fit, cmc, ingest, simulate and certs.
+"""The ``xpcsfit`` command: one parser for fit, cmc, ingest, simulate, certs and results.
 
 Every :class:`~xpcsfit.XpcsfitError` ends as one line on stderr and a non-zero exit
 code (2 input, 3 configuration, 5 sampling); a traceback means a bug in xpcsfit. A fit
@@ -196,6 +196,22 @@ def _run_certs(args) -> int:
     return 0
 
 
+def _results_parser(sub):
+    p = sub.add_parser("results", help="query the results catalogue of xpcsfit batch runs")
+    p.add_argument("db", nargs="?", default="xpcsfit.sqlite",
+                   help="the catalogue (default ./xpcsfit.sqlite; a batch run writes <out-root>/xpcsfit.sqlite)")
+    p.add_argument("--where", metavar="EXPR", help="SQL condition over the result columns, e.g. \"converged AND q > 0.005\"")
+    p.add_argument("--format", default="table", choices=("table", "csv", "json"),
+                   help="table (the main columns), csv or json (every column)")
+
+
+def _run_results(args) -> int:
+    from xpcsfit.batch.query import results_text
+
+    sys.stdout.write(results_text(args.db, args.where, args.format))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``xpcsfit`` parser: one subcommand per runner of :data:`_RUNNERS`."""
     parser = argparse.ArgumentParser(
@@ -206,11 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     _ingest_parser(sub)
     _simulate_parser(sub)
     _certs_parser(sub)
+    _results_parser(sub)
     return parser
 
 
 _RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate, "cmc": _run_cmc,
-            "certs": _run_certs}
+            "certs": _run_certs, "results": _run_results}
 
 
 def main(argv=None) -> int:

@@ -136,7 +136,7 @@ def load_config(source=None, **overrides) -> FitConfig:
     try:
         return FitConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_validation_message(exc, where, given)) from None
+        raise ConfigError(validation_message(exc, where, given)) from None
 
 
 def read_yaml_mapping(path: Path) -> dict:
@@ -213,15 +213,19 @@ def _construct_unique_mapping(loader, node, deep=False):
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
 
 
-def _validation_message(exc: ValidationError, where: str, overrides: dict) -> str:
-    """One line for pydantic's first error: where, the key, what is wrong, the value."""
+def validation_message(exc: ValidationError, where: str, overrides: dict, model=None) -> str:
+    """One line for pydantic's first error: where, the key, what is wrong, the value.
+
+    ``model``: the model validated (FitConfig, or a subclass with more keys, e.g. the
+    batch settings), whose keys an unknown key's message lists.
+    """
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
     msg = err["msg"].removeprefix("Value error, ")
     if not loc:  # from _check_parameters: its message names the key and the value
         return f"{where}: {msg}"
     if err["type"] == "extra_forbidden":
-        model = SolverOptions if loc[0] == "solver" and len(loc) > 1 else FitConfig
+        model = SolverOptions if loc[0] == "solver" and len(loc) > 1 else (model or FitConfig)
         msg = f"unknown key (known: {', '.join(model.model_fields)})"
     source = "option " if loc[0] in overrides else f"{where}: "
     return f"{source}{'.'.join(loc)}: {msg} (got {short_repr(err['input'])})"
