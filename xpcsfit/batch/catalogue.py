@@ -30,9 +30,7 @@ Reading: :meth:`Catalogue.results` / :meth:`~Catalogue.attempts` / :meth:`~Catal
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from xpcsfit.errors import ConfigError, InputError, XpcsfitError
+from xpcsfit.io.lockfile import LockHeld, release_lock, take_lock
 from xpcsfit.leastsq.results import FitResult, transport_bands
 from xpcsfit.parameters import MODES
 
@@ -107,7 +106,7 @@ class Catalogue:
         self._lock = None
         if write:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._lock = _take_lock(self.path)
+            self._lock = _take_writer_lock(self.path)
         elif not self.path.is_file():
             raise InputError(f"{self.path}: no such catalogue")
         try:
@@ -292,7 +291,7 @@ class Catalogue:
             db.close()
             self._db = None
         if self._lock is not None:
-            os.close(self._lock)
+            release_lock(f"{self.path}.lock", self._lock)
             self._lock = None
 
     def __enter__(self):
@@ -350,14 +349,11 @@ def catalogue(path: str | Path, where: str | None = None):
     return frame
 
 
-def _take_lock(path: Path) -> int:
-    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+def _take_writer_lock(path: Path) -> int:
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
+        return take_lock(f"{path}.lock")
+    except LockHeld:
         raise XpcsfitError(f"{path}: another xpcsfit batch is writing this catalogue") from None
-    return fd
 
 
 def _q_key(q_index) -> str:

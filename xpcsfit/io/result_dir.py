@@ -18,16 +18,15 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 from xpcsfit.errors import ConfigError
 from xpcsfit.io.atomic import new_partial_directory, put_directory_in_place
+from xpcsfit.io.lockfile import LockHeld, release_lock, take_lock
 
 PARTIAL_MARKER = ".xpcsfit-partial"
 # The record file of a fit's and of a cmc's result directory; it lists what the
@@ -126,32 +125,15 @@ class ResultDirectory:
         self.removed_partials: list[Path] = []
 
     def _acquire(self) -> None:
-        while True:
-            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise ConfigError(f"--out {self.final}: another xpcsfit run ({holder}) is writing "
-                                  "this result now; wait for it or choose another --out") from None
-            # The holder before us may have unlinked the file between our open and flock.
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self._lock_path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
-        self._lock_fd = fd
+        try:
+            self._lock_fd = take_lock(self._lock_path)
+        except LockHeld as held:
+            raise ConfigError(f"--out {self.final}: another xpcsfit run ({held.holder}) is writing "
+                              "this result now; wait for it or choose another --out") from None
 
     def _release(self) -> None:
         if self._lock_fd is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self._lock_path.unlink()
-            os.close(self._lock_fd)
+            release_lock(self._lock_path, self._lock_fd)
             self._lock_fd = None
 
     def open(self) -> "ResultDirectory":
@@ -197,7 +179,7 @@ class ResultDirectory:
             _check_replaceable(self.final)
         except ConfigError as exc:
             keep = self.final.with_name(f"{self.final.name}.new-{tmp.name.rsplit('-', 1)[-1]}")
-            tmp.rename(keep)
+            put_directory_in_place(tmp, keep, replace=False)
             self.partial = None
             self._release()
             raise ConfigError(f"{exc}; the new result was kept at {keep}") from None
