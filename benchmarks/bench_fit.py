@@ -100,7 +100,7 @@ def b1(args) -> None:
             best = min(best, time.perf_counter() - t0)
         return best, result
 
-    print(f"\nB1 {w.label}: warm fit() wall s (fastest of 3) vs nlsq's warm solve; "
+    print(f"\n{w.label}: warm fit() wall s (fastest of 3) vs nlsq's warm solve; "
           f"{os.cpu_count()} cores, xpcsfit cluster {args.workers} workers × 1 thread")
     print(f"{'round':>5}{'load':>7}{'in process s':>14}{'cluster s':>11}{'nlsq s':>9}"
           f"{'nlsq/in process':>17}{'nlsq/cluster':>14}   final cost in process / cluster / nlsq")
