@@ -88,8 +88,6 @@ class _HeatmapFigure:
         for im, (img, lo, hi) in zip(self.images, panels):
             im.set_data(img)
             im.set_extent(extent)
-            im.axes.set_xlim(extent[0], extent[1])
-            im.axes.set_ylim(extent[2], extent[3])
             im.set_clim(lo, hi)  # the colorbar follows its image's norm
         self.title.set_text(title)
         self.fig.savefig(path, dpi=90)
