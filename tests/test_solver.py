@@ -91,7 +91,7 @@ def test_termination_messages_name_the_tolerance_that_applied():
 
 def test_config_defaults_are_the_solver_defaults():
     assert SolverOptions().model_dump() == {
-        k: getattr(TrustRegionOptions(), k) for k in ("max_iterations", "ftol", "xtol", "gtol")}
+        k: getattr(TrustRegionOptions(), k) for k in ("max_iterations", "ftol", "xtol", "gtol", "qtol", "settle_steps")}
 
 
 def test_init_step_terminate_on_an_explicit_state():
