@@ -12,9 +12,12 @@ whether its minimum is the lowest; N fits from spread-out starts can.
   scale for a parameter whose bounds are positive and span more than two decades
   (D0, gamma_dot_t0 by default: a uniform draw would put 90 % of starts in the top
   decade), linearly otherwise; contrast and offset start from the data estimates (they
-  enter the model linearly). A draw whose J(t) is not positive over the window, or
-  whose cost is not finite (one cost pass for all draws), is not a physical start:
-  it is replaced by a fresh draw (up to :data:`MAX_ROUNDS` rounds).
+  enter the model linearly). A draw is a *physical* start when its J(t) is positive
+  over the window and its cost is finite and below that of the same start with zero
+  contrast (c2 = offset: no correlation at all). A draw on that plateau — e.g. a shear
+  rate that decorrelates the speckle within a frame — has no gradient towards the data
+  and can only stop where it started. Others are replaced by fresh draws (up to
+  :data:`MAX_ROUNDS` rounds); one cost pass per round judges all draws.
 - Each start's fit is one task (:func:`solve_start`) that loads the selection's tiles
   on its worker and runs the solver there with the fit's options and convergence test;
   the tasks run in parallel, one per worker thread. A start that fails is recorded
@@ -55,19 +58,17 @@ def delta_chi2(cost, best_cost: float, dof: int):
     return 2.0 * (np.asarray(cost, float) - best_cost) / (2.0 * best_cost / dof)
 
 
-def latin_hypercube(lower, upper, n: int, seed: int) -> np.ndarray:
+def latin_hypercube(lower, upper, n: int, seed) -> np.ndarray:
     """n points (n, p) inside the box [lower, upper] (p,) by Latin hypercube sampling,
     on a log scale for dimensions with 0 < lower and upper/lower > :data:`LOG_SPAN`, and
-    1e-3 of the width away from the bounds (a start on a bound may be held there by the
-    active set)."""
+    at least 1e-3 of the width (on that scale) away from the bounds (a start on a bound
+    may be held there by the active set). ``seed``: anything numpy.random.default_rng takes."""
     lo, hi = np.asarray(lower, float), np.asarray(upper, float)
-    u = qmc.LatinHypercube(d=lo.size, seed=seed).random(n)
+    u = np.clip(qmc.LatinHypercube(d=lo.size, rng=seed).random(n), 1e-3, 1 - 1e-3)
     log = (lo > 0) & (hi > LOG_SPAN * np.where(lo > 0, lo, np.inf))
     with np.errstate(divide="ignore", invalid="ignore"):
         on_log = np.exp(np.log(lo) + u * (np.log(hi) - np.log(lo)))
-    points = np.where(log, on_log, lo + u * (hi - lo))
-    margin = 1e-3 * (hi - lo)
-    return np.clip(points, lo + margin, hi - margin)
+    return np.where(log, on_log, lo + u * (hi - lo))
 
 
 def positive_transport(theta: np.ndarray, times) -> np.ndarray:
@@ -76,15 +77,17 @@ def positive_transport(theta: np.ndarray, times) -> np.ndarray:
     return np.all(np.isfinite(J) & (J > 0), axis=1)
 
 
-def draw_starts(x0, lower, upper, p: int, n: int, seed: int, times, costs) -> np.ndarray:
+def draw_starts(x0, lower, upper, p: int, n: int, seed: int, times, costs, n_bins: int) -> np.ndarray:
     """The n starts (n, P): x0 first, then Latin hypercube draws of the p physics
-    parameters (the rest as in x0) with positive J(t) over ``times`` and a finite cost.
+    parameters (the rest as in x0) that are physical starts (see the module docstring).
 
     Parameters
     ----------
     x0, lower, upper : ndarray (P,)
     p : int
         Number of physics parameters (the first p entries).
+    n_bins : int
+        Number of (q, phi) bins: x[p : p + n_bins] are the contrasts.
     n : int (≥ 1)
     seed : int
     times : ndarray
@@ -105,18 +108,22 @@ def draw_starts(x0, lower, upper, p: int, n: int, seed: int, times, costs) -> np
             break
         # One design per round, seeded from (seed, round): reproducible, and the first
         # round alone is a Latin hypercube when every draw is physical.
-        draws = latin_hypercube(lower[:p], upper[:p], need, np.random.SeedSequence([seed, round_]))
+        draws = latin_hypercube(lower[:p], upper[:p], need, np.random.default_rng([seed, round_]))
         xs = np.tile(np.asarray(x0, float), (need, 1))
         xs[:, :p] = draws
         ok = positive_transport(draws, times)
         if ok.any():
-            finite = np.isfinite(np.asarray(costs(xs[ok]), float))
-            ok[np.flatnonzero(ok)[~finite]] = False
+            flat = xs[ok].copy()
+            flat[:, p : p + n_bins] = 0.0
+            c = np.asarray(costs(np.concatenate([xs[ok], flat])), float)
+            m = int(ok.sum())
+            informative = np.isfinite(c[:m]) & (c[:m] < c[m:])
+            ok[np.flatnonzero(ok)[~informative]] = False
         starts += list(xs[ok])
     if len(starts) < n:
         raise ConfigError(f"starts = {n}: after {MAX_ROUNDS} rounds of Latin hypercube draws only "
-                          f"{len(starts) - 1} had a positive J(t) and a finite model; widen the D0 or "
-                          "D_offset bounds to positive values")
+                          f"{len(starts) - 1} were physical starts (positive J(t), a model closer to the "
+                          "data than no correlation); narrow the bounds to plausible values")
     return np.array(starts[:n])
 
 
