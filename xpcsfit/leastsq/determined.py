@@ -13,15 +13,12 @@ their derivatives, and reports which physics parameters still moved when they se
 
 from __future__ import annotations
 
-from collections import deque
-
 import numpy as np
 
 from xpcsfit.model import power_law_gradient, shear_rate, transport_coefficient
 from xpcsfit.parameters import ParameterLayout
 
 N_TIMES = 16  # J(t), gamma_dot(t) sampled at 16 times across the window: smooth power laws
-DRIFT_ITERATIONS = 10
 DRIFT_LIMIT = 1e-3
 
 
@@ -70,8 +67,9 @@ def determined_quantities(layout: ParameterLayout, mode: str, times):
 
 
 class DriftLog:
-    """The physics parameters of the last :data:`DRIFT_ITERATIONS` solver states, to say
-    which of them still moved when the fit ended.
+    """The physics parameters over the final run of *settled* solver steps (those that
+    no longer changed what the data determine, :class:`xpcsfit.solver.SolverState`
+    ``settled_steps``), to say which parameters still moved while those stood still.
 
     Parameters
     ----------
@@ -85,14 +83,18 @@ class DriftLog:
         self.names = list(names)
         p = len(self.names)
         self.floor = 1e-3 * (np.asarray(upper, float)[:p] - np.asarray(lower, float)[:p])
-        self.history: deque = deque(maxlen=DRIFT_ITERATIONS + 1)
+        self.history: list = []
 
-    def add(self, x) -> None:
+    def add(self, x, settled_steps: int) -> None:
+        """Log a state: its x and its count of settled steps in a row (0 starts the run
+        afresh at this state)."""
+        if settled_steps == 0:
+            self.history = []
         self.history.append(np.array(x[: len(self.names)], float))
 
     def drifted(self) -> dict[str, float]:
         """{name: relative change} of the parameters that moved by more than
-        :data:`DRIFT_LIMIT` of max(|value|, 1e-3·bound width) over the logged states."""
+        :data:`DRIFT_LIMIT` of max(|value|, 1e-3·bound width) over the settled run."""
         if len(self.history) < 2:
             return {}
         first, last = self.history[0], self.history[-1]
@@ -116,7 +118,6 @@ def undetermined_record(drift: dict[str, float], iterations: int, converged: boo
     record = {"parameters": names_in_order, "relative_drift": drift, "iterations": n}
     names = ", ".join(names_in_order)
     moved = ", ".join(f"{k} {v:.2%}" for k, v in drift.items())
-    return record, [f"{names} still drifted over the last {n} iterations ({moved}) while the fit had "
-                    "converged on what the data determine (J(t), gamma_dot(t), phi0, contrast, offset): "
-                    f"the data do not determine {'it' if len(drift) == 1 else 'them'} separately; "
-                    "report J(t) and gamma_dot(t)"]
+    return record, [f"{names} still drifted over the last {n} iterations ({moved}) while J(t), gamma_dot(t), "
+                    "phi0, contrast and offset no longer changed: the data do not determine "
+                    f"{'it' if len(drift) == 1 else 'them'} separately; report J(t) and gamma_dot(t)"]

@@ -312,12 +312,12 @@ def _iterate(solver: TrustRegionLM, evaluator, state: SolverState, checkpoint, p
     checkpoint cannot be written: then one warning, and no more tries); every state's
     physics parameters go to ``drift``."""
     if drift is not None:
-        drift.add(state.x)
+        drift.add(state.x, state.settled_steps)
     while not solver.terminate(state)[0]:
         with evaluator.phase(f"iteration {state.iteration + 1}"):
             state = solver.step(evaluator, state)
         if drift is not None:
-            drift.add(state.x)
+            drift.add(state.x, state.settled_steps)
         if checkpoint is not None:
             try:
                 checkpoint.save(state.saved())

@@ -152,10 +152,10 @@ def solve_start(specs, layout, mode: str, L: float, options: dict, times, x0, lo
         solver = TrustRegionLM(lower, upper, quantities=determined_quantities(layout, mode, times), **options)
         drift = DriftLog(layout.physics, lower, upper)
         state = solver.init(evaluator, x0)
-        drift.add(state.x)
+        drift.add(state.x, state.settled_steps)
         while not solver.terminate(state)[0]:
             state = solver.step(evaluator, state)
-            drift.add(state.x)
+            drift.add(state.x, state.settled_steps)
     except Exception as exc:  # a start's failure is reported in fit.json, never ends the fit
         return {"state": None, "error": f"{type(exc).__name__}: {exc}"}
     return {"state": state.saved(), "message": solver.message(state), "converged": bool(state.converged),
@@ -248,17 +248,22 @@ def starts_record(outcomes, starts, best: int, result, seed: int) -> tuple[dict,
     }
     warnings = []
     for group in distinct:
-        warnings.append(f"starts {', '.join(map(str, group['starts']))} converged at a distinct minimum "
+        warnings.append(f"{_starts(group['starts'])} converged at a distinct minimum "
                         f"(Δχ² = {group['delta_chi2']:.3g} in noise units, J(t) {group['J_sigmas']:.3g} and "
                         f"gamma_dot(t) {group['gamma_dot_sigmas']:.3g} standard errors from the best)")
     failed = [i for i, r in enumerate(runs) if r["error"] is not None]
     if failed:
-        warnings.append(f"starts {', '.join(map(str, failed))} failed: "
+        warnings.append(f"{_starts(failed)} failed: "
                         + "; ".join(runs[i]["error"] for i in failed))
     unfinished = [i for i, r in enumerate(runs) if r["error"] is None and not r["converged"] and not r["reached"]]
     if unfinished:
-        warnings.append(f"starts {', '.join(map(str, unfinished))} did not converge and ended away from the best")
+        warnings.append(f"{_starts(unfinished)} did not converge and ended away from the best")
     return record, warnings
+
+
+def _starts(indices) -> str:
+    """'start 3' or 'starts 1, 4'."""
+    return f"start {indices[0]}" if len(indices) == 1 else f"starts {', '.join(map(str, indices))}"
 
 
 def _group_distinct(runs, p, result, flow) -> list[dict]:
