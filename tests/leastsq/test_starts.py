@@ -9,7 +9,12 @@ import pytest
 
 import xpcsfit
 from xpcsfit.leastsq.results import FitResult
-from xpcsfit.leastsq.starts import delta_chi2, draw_starts, latin_hypercube, positive_transport
+from xpcsfit.leastsq.starts import (
+    delta_chi2,
+    draw_starts,
+    latin_hypercube,
+    positive_transport,
+)
 from xpcsfit.parameters import DEFAULT_BOUNDS, MODES
 
 
