@@ -51,8 +51,11 @@ def run_rule(rule, ev, plan, cfg, starts, lo, hi):
         try:
             state = solver.solve(ev, x0)
             out.append({"state": state, "message": solver.message(state), "s": time.perf_counter() - t0})
+            print(f"  {rule} start {len(out) - 1}: {state.termination.value}, {state.iteration} iterations, "
+                  f"cost {state.ne.cost:.10g}, {out[-1]['s']:.0f} s", flush=True)
         except Exception as exc:  # counted: the experiment asks how many crash
             out.append({"error": f"{type(exc).__name__}: {exc}", "s": time.perf_counter() - t0})
+            print(f"  {rule} start {len(out) - 1}: raised {out[-1]['error']}", flush=True)
     return out
 
 
