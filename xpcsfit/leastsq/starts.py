@@ -164,7 +164,10 @@ def solve_start(specs, layout, mode: str, L: float, options: dict, times, x0, lo
 
 def run_starts(client, specs, layout, mode: str, L: float, options: dict, times, starts, lower, upper) -> list[dict]:
     """Run :func:`solve_start` for every row of ``starts`` (n, P) as parallel tasks on
-    ``client``; the outcomes in start order."""
+    ``client`` (None: one after another in this process, for ``fit(in_process=True)``);
+    the outcomes in start order."""
+    if client is None:
+        return [solve_start(specs, layout, mode, L, options, times, x, lower, upper) for x in starts]
     futures = [client.submit(solve_start, specs, layout, mode, L, options, times, x, lower, upper,
                              pure=False, key=f"xpcsfit-start-{i}-{np.random.default_rng().integers(2**62)}")
                for i, x in enumerate(starts)]
