@@ -47,6 +47,11 @@ class Problem:
     dt: float = 0.1
     noise: float = 0.01
     seed: int = 0
+    theta: tuple[float, ...] | None = None  # physics truth; default THETA[mode]
+
+    @property
+    def truth(self) -> np.ndarray:
+        return np.asarray(THETA[self.mode] if self.theta is None else self.theta, float)
 
     def __str__(self) -> str:  # the pytest id
         return self.name
@@ -62,7 +67,7 @@ class Problem:
         for iq, qv in enumerate(self.q):
             contrast = 0.2 + 0.02 * np.arange(phi.size) + 0.01 * iq
             offset = 1.0 + 0.005 * np.arange(phi.size)
-            m = np.asarray(c2_model(np.asarray(THETA[self.mode]), contrast, offset, self.mode, qv, L, phi, t, t))
+            m = np.asarray(c2_model(self.truth, contrast, offset, self.mode, qv, L, phi, t, t))
             maps.append(m + self.noise * rng.standard_normal(m.shape))
         c2 = np.stack(maps)
         below = np.tril_indices(self.n_t, -1)
@@ -89,7 +94,9 @@ class Problem:
     @property
     def start(self) -> np.ndarray:
         """x0 (P,): physics off the truth, contrast 0.15 and offset 1.02 in every bin."""
-        theta = np.asarray(THETA[self.mode]) * np.array(START_FACTORS)[: self.layout.p]
+        theta = self.truth * np.array(START_FACTORS)[: self.layout.p]
+        if self.theta is not None:  # a truth with zeros: start from THETA's offsets instead
+            theta = np.where(theta == 0, np.asarray(THETA[self.mode]) * np.array(START_FACTORS)[: self.layout.p], theta)
         nb = self.layout.n_bins
         return self.layout.join(theta, np.full(nb, 0.15), np.full(nb, 1.02))
 
@@ -148,3 +155,24 @@ STATIC_2Q = Problem("static-2q", "static", (0.004, 0.0055))
 FLOW_1Q = Problem("laminar_flow-1q", "laminar_flow", (0.0055,))
 FLOW_2Q = Problem("laminar_flow-2q", "laminar_flow", (0.004, 0.0055))
 PROBLEMS = [STATIC_1Q, STATIC_2Q, FLOW_1Q, FLOW_2Q]
+
+
+def aging_dataset(a=2.0e4, b=2.0e3, q=0.0055, phi=(10.0, 60.0), n_t=500, dt=0.1, noise=0.02, seed=0):
+    """A static map of an aging sample: J(t) = a − b·ln t (Å²/s), which the model's
+    D0·t**alpha + D_offset reaches only as alpha → 0 with D0 → ∞ (D0·alpha → −b,
+    D0 + D_offset → a). c2 = offset + contrast·exp(−q² ∫J dt) (model.py's g1², DESIGN.md §2)
+    with ∫_{t1}^{t2} J dt = a(t2 − t1) − b[t ln t − t]_{t1}^{t2}, plus Gaussian noise;
+    contrast 0.25, offset 1; frame k at t = k·dt. Dataset as :attr:`Problem.dataset`."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(1, n_t + 1) * dt
+    F = a * t - b * (t * np.log(t) - t)  # an antiderivative of J
+    integral = F[None, :] - F[:, None]
+    g2 = np.exp(-(q * q) * np.abs(integral))
+    c2 = np.stack([1.0 + 0.25 * g2 + noise * rng.standard_normal(g2.shape) for _ in phi])[None]
+    below = np.tril_indices(n_t, -1)
+    c2[..., below[0], below[1]] = np.nan
+    return xr.Dataset(
+        {"c2": (("q", "phi", "t1", "t2"), da.from_array(c2.astype(np.float32)))},
+        coords={"q": [q], "phi": np.asarray(phi, float), "t1": t, "t2": t},
+        attrs={"source": "synthetic-aging", "dt": dt, "frames": [1, n_t]},
+    )

@@ -56,6 +56,10 @@ def _fit_parser(sub):
     p.add_argument("--config", help="YAML file of fit settings (bounds, initial values, solver)")
     p.add_argument("--tile", type=int, help="tile edge in frames (default 128)")
     p.add_argument("--out", help="result directory (default ./<input name>_fit)")
+    p.add_argument("--starts", type=int, metavar="N",
+                   help="fit from N starts (the usual one and N-1 Latin hypercube starts inside the bounds) "
+                        "in parallel on the cluster; keep the best, report how many reached it (default 1)")
+    p.add_argument("--seed", type=int, metavar="S", help="seed of the Latin hypercube starts (default 0)")
     _add_where(p)
     p.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start over even if a checkpoint of this very fit (.OUT.checkpoint.json beside --out, "
@@ -67,7 +71,7 @@ def _run_fit(args) -> int:
 
     out = _default_out(args, "fit")
     result = fit(args.input, **_selection(args), mode=args.mode, gap=args.gap, config=args.config, out=out, scheduler=args.scheduler, tile=args.tile,
-                 resume=args.resume, cluster=args.cluster)
+                 resume=args.resume, cluster=args.cluster, starts=args.starts, seed=args.seed)
     print(f"\n{'parameter':<20}{'value':>14}{'stderr':>12}  unit")
     from xpcsfit.parameters import UNITS
 
@@ -75,6 +79,10 @@ def _run_fit(args) -> int:
         print(f"{name:<20}{v:>14.6g}{s:>12.3g}  {UNITS[name]}")
     print(f"reduced chi2 {result.reduced_chi2:.4g}, {result.iterations} iterations, "
           f"{result.data_passes} data passes, {result.wall_time_s:.1f} s; converged: {result.converged}")
+    if result.starts is not None:
+        st = result.starts
+        print(f"starts: {st['reached_best']} of {st['n']} reached the best; "
+              f"{len(st['distinct_minima'])} distinct minima")
     print(f"results in {out}")
     return 0 if result.converged else 4
 

@@ -8,7 +8,9 @@ Example ``fit.yaml``::
     memory: auto            # hold tiles on the workers, stream them each pass, or choose
     initial: {D0: 15000, phi0: 5}
     bounds: {D0: [100, 1.0e6], phi0: [-20, 20]}
-    solver: {max_iterations: 200, ftol: 1.0e-8}
+    solver: {max_iterations: 200, ftol: 1.0e-8, qtol: 0.05}
+    starts: 1               # > 1: that many fits from spread-out starts (leastsq/starts.py)
+    starts_seed: 0
 
 Keyword arguments of :func:`xpcsfit.fit` (and CLI options) override the file.
 
@@ -62,6 +64,8 @@ class SolverOptions(BaseModel):
     ftol: Number = Field(_SOLVER_DEFAULTS.ftol, gt=0, lt=1)
     xtol: Number = Field(_SOLVER_DEFAULTS.xtol, gt=0, lt=1)
     gtol: Number = Field(_SOLVER_DEFAULTS.gtol, gt=0, lt=1)
+    qtol: Number = Field(_SOLVER_DEFAULTS.qtol, gt=0, lt=1)
+    settle_steps: Count = Field(_SOLVER_DEFAULTS.settle_steps, gt=0)
 
 
 class FitConfig(BaseModel):
@@ -75,6 +79,8 @@ class FitConfig(BaseModel):
     initial: dict[str, Number] = {}
     bounds: dict[str, tuple[Number, Number]] = {}
     solver: SolverOptions = SolverOptions()
+    starts: Count = Field(1, ge=1, le=1000, description="fits from this many starts (Latin hypercube), best kept")
+    starts_seed: Count = Field(0, ge=0, description="seed of the Latin hypercube starts")
 
     @model_validator(mode="after")
     def _check_parameters(self):

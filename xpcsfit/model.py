@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def enable_float64() -> None:
@@ -173,6 +174,15 @@ def transport_coefficient(theta, t):
     Plain arithmetic, so it works on NumPy arrays without JAX and under ``jax.grad``.
     """
     return theta[0] * t ** theta[1] + theta[2]
+
+
+def power_law_gradient(a0, a, t):
+    """∂/∂(a0, a, b) of a0·t**a + b at times t (n,) s > 0: (n, 3), columns t**a,
+    a0·t**a·ln t and 1 — the Jacobian of :func:`transport_coefficient` in (D0, alpha,
+    D_offset) and of :func:`shear_rate` in (gamma_dot_t0, beta, gamma_dot_t_offset)."""
+    t = np.asarray(t, float)
+    ta = t**a
+    return np.stack([ta, a0 * ta * np.log(t), np.ones_like(t)], axis=1)
 
 
 def shear_rate(theta, t):

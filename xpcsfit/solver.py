@@ -27,6 +27,32 @@ Jacobian column and the residual vector (the projected gradient where a bound is
 active) below ``gtol``. Why the solver stopped is a :class:`Termination`; its message
 (the ``termination`` of fit.json) is derived from it and the options.
 
+What the data determine (``quantities``). Where some parameter combinations are not
+determined (a valley of near-equal cost), MINPACK's tests stop on a slow crawl along the
+valley, or never. Given a map x ↦ (q(x) (k,), ∂q/∂x = G (k, P)) of quantities the
+caller knows to be determined (the driver: J(t) and gamma_dot(t) over the window,
+phi0, contrast, offset), the solver also stops when the data can no longer tell its
+steps apart. With the noise variance estimated from the residuals, σ² = 2·cost/(n − P),
+and the covariance C = σ² (JᵀJ)⁺ (eigen-floored, so that an undetermined direction
+gets a huge variance, not zero), each quantity has the standard error
+s_k = sqrt(G_k C G_kᵀ). An accepted step is *settled* when it
+
+- changed every q_k by at most ``qtol``·s_k, and
+- reduced χ² by at most ``qtol`` in units of the noise: 2·Δcost/σ² ≤ qtol.
+
+After ``settle_steps`` settled steps in a row the fit has converged (``DETERMINED``):
+what still moves moves along directions the data do not determine. The χ² test is
+what keeps a crawl far from the optimum going: there every step gains many noise units
+(a Δχ² of 1 is what one standard error means), while in a flat valley it gains a
+small fraction of one. The remaining motion along the valley is not bounded by this
+test; the caller reports which parameters still drifted.
+
+Failures inside a step are rejected steps, never exceptions: a trial whose subproblem
+cannot be factorised (``numpy.linalg.LinAlgError``) or whose step or cost is not finite
+is not accepted, and an accepted point whose normal equations are not finite is
+rejected after its pass; the damping grows (a smaller trust region) as for any rejected
+step.
+
 State is explicit (optimistix's shape): ``init`` makes a :class:`SolverState`, ``step``
 maps one state to the next, ``terminate`` says whether and why it is done; ``solve``
 loops. :meth:`SolverState.saved` reduces a state to a few numbers (x, the Moré scale,
@@ -57,6 +83,11 @@ class TrustRegionOptions:
     ----------
     ftol, xtol, gtol : float
         Convergence tolerances (see the module docstring).
+    qtol : float
+        With ``quantities``: the change of a determined quantity (in its standard
+        errors) and the χ² reduction (in noise units) of a settled step.
+    settle_steps : int
+        Settled steps in a row that end the fit (see the module docstring).
     max_iterations : int
     trial_factors : tuple of float
         Damping multipliers tried together in one cost pass.
@@ -76,6 +107,8 @@ class TrustRegionOptions:
     accept_ratio: float = 1e-4
     initial_damping: float = 1e-3
     max_damping: float = 1e16
+    qtol: float = 0.05
+    settle_steps: int = 3
 
 
 class Termination(enum.Enum):
@@ -84,6 +117,7 @@ class Termination(enum.Enum):
     FTOL = "ftol"
     XTOL = "xtol"
     GTOL = "gtol"
+    DETERMINED = "determined"
     NO_REDUCTION = "no_reduction"
     MAX_ITERATIONS = "max_iterations"
     DAMPING_LIMIT = "damping_limit"
@@ -102,6 +136,8 @@ _MESSAGES = {
     Termination.FTOL: "relative cost reduction below ftol={o.ftol:g}",
     Termination.XTOL: "scaled step below xtol={o.xtol:g}",
     Termination.GTOL: "gradient below gtol={o.gtol:g}",
+    Termination.DETERMINED: ("{o.settle_steps} steps in a row changed what the data determine by less than "
+                             "qtol={o.qtol:g} of its standard errors and chi2 by less than qtol in noise units"),
     # Even the largest predicted gain is below rounding of the cost: a stationary point
     # to machine precision.
     Termination.NO_REDUCTION: "no reduction possible within floating-point precision",
@@ -109,6 +145,11 @@ _MESSAGES = {
     Termination.DAMPING_LIMIT: ("no trial step reduced the cost even at damping {o.max_damping:.0e}; "
                                 "the gradient is not small (not converged)"),
 }
+
+
+def finite_normal_equations(ne: NormalEquations) -> bool:
+    """Whether cost, JᵀJ and Jᵀr are all finite (the solver cannot use them otherwise)."""
+    return bool(np.isfinite(ne.cost) and np.all(np.isfinite(ne.jtj)) and np.all(np.isfinite(ne.jtr)))
 
 
 @dataclass(frozen=True)
@@ -139,6 +180,7 @@ class SolverState:
     normal_passes: int = 1
     cost_passes: int = 0
     termination: Termination | None = None
+    settled_steps: int = 0  # settled steps in a row (see the module docstring)
 
     @property
     def passes(self) -> int:
@@ -155,7 +197,7 @@ class SolverState:
     def saved(self) -> dict:
         """What :meth:`TrustRegionLM.restore` needs, as JSON-ready numbers: ``x`` and
         ``scale`` (lists of P floats), ``damping``, ``cost`` (at x, for a consistency
-        check), ``iteration``, ``normal_passes``, ``cost_passes`` and ``termination`` (a
+        check), ``iteration``, ``normal_passes``, ``cost_passes``, ``settled_steps`` and ``termination`` (a
         :class:`Termination` value, None while running). Floats survive a JSON round trip
         exactly (Python writes the shortest repr that reads back to the same double)."""
         return {
@@ -166,6 +208,7 @@ class SolverState:
             "iteration": int(self.iteration),
             "normal_passes": int(self.normal_passes),
             "cost_passes": int(self.cost_passes),
+            "settled_steps": int(self.settled_steps),
             "termination": None if self.termination is None else self.termination.value,
         }
 
@@ -182,6 +225,7 @@ class _Trial:
     actual: float = float("nan")
     predicted: float = float("nan")
     termination: Termination | None = None
+    tried: float = float("nan")  # the base damping of the accepted trial pass
 
 
 class TrustRegionLM:
@@ -193,6 +237,9 @@ class TrustRegionLM:
         Bounds; ±inf allowed. x0 must lie inside.
     callback : callable(IterationReport), optional
         Called after every iteration (progress output).
+    quantities : callable(x (P,)) -> (values (k,), jacobian (k, P)), optional
+        Quantities the data determine and their derivatives (see the module docstring);
+        None: MINPACK's tests alone.
     **options
         Fields of :class:`TrustRegionOptions` (ftol, xtol, gtol, max_iterations, …);
         the others keep their defaults.
@@ -206,6 +253,7 @@ class TrustRegionLM:
     """
 
     def __init__(self, lower, upper, *, callback: Callable[[IterationReport], None] | None = None,
+                 quantities: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
                  **options):
         self.lower = np.asarray(lower, float)
         self.upper = np.asarray(upper, float)
@@ -214,6 +262,7 @@ class TrustRegionLM:
         self.options = TrustRegionOptions(**options)
         self.trial_factors = np.asarray(self.options.trial_factors, float)
         self.callback = callback
+        self.quantities = quantities
 
     # -- explicit state and pure steps (optimistix-style) ---------------------------
     def init(self, evaluator: Evaluator, x0) -> SolverState:
@@ -236,11 +285,20 @@ class TrustRegionLM:
         """One iteration from a state that is not done: trial passes until a step is
         accepted (then one normal-equations pass) or the solver gives up. The new
         state's ``termination`` is set when a convergence test or a limit ends the fit."""
-        trial = self._search(evaluator, state)
-        if trial.termination is not None:
-            return replace(state, cost_passes=trial.cost_passes, damping=trial.damping,
-                           termination=trial.termination)
-        new_ne = evaluator.normal_equations(trial.x)
+        while True:
+            trial = self._search(evaluator, state)
+            if trial.termination is not None:
+                return replace(state, cost_passes=trial.cost_passes, damping=trial.damping,
+                               termination=trial.termination)
+            new_ne = evaluator.normal_equations(trial.x)
+            if finite_normal_equations(new_ne):
+                break
+            # The cost was finite but its derivatives are not (overflow in the Jacobian):
+            # a rejected step, paid for with its pass; retry in a smaller trust region.
+            state = replace(state, normal_passes=state.normal_passes + 1, cost_passes=trial.cost_passes,
+                            damping=self._rejected_damping(trial.tried))
+            if state.damping > self.options.max_damping:
+                return replace(state, termination=Termination.DAMPING_LIMIT)
         new = replace(
             state, x=trial.x, ne=new_ne, scale=self._scale(state.scale, new_ne),
             damping=max(trial.damping, 1e-15), iteration=state.iteration + 1,
@@ -252,6 +310,10 @@ class TrustRegionLM:
                 step_norm=float(np.linalg.norm(trial.step)), damping=float(trial.damping),
                 rho=float(trial.rho), passes=new.passes,
             ))
+        if self.quantities is not None:
+            settled = self.settled(state, new, trial.actual)
+            ok = settled["step"] <= self.options.qtol and settled["chi2"] <= self.options.qtol
+            new = replace(new, settled_steps=new.settled_steps + 1 if ok else 0)
         return replace(new, termination=self._convergence_test(state, new, trial))
 
     def terminate(self, state: SolverState) -> tuple[bool, Termination | None]:
@@ -296,21 +358,30 @@ class TrustRegionLM:
         cost_passes = state.cost_passes
         while True:
             dampings, steps, preds, trials = self._trial_points(state, scaled, damping)
-            costs = np.asarray(evaluator.costs(trials), float)
-            cost_passes += 1
+            valid = np.isfinite(preds)
+            costs = np.full(len(steps), np.inf)
+            if valid.any():  # a pass only for the trials that could be computed
+                costs[valid] = np.asarray(evaluator.costs(trials[valid]), float)
+                cost_passes += 1
             actual = ne.cost - costs
             with np.errstate(divide="ignore", invalid="ignore"):
                 rho = np.where(preds > 0, actual / preds, -np.inf)
             k = self._accept(costs, rho)
             if k is not None:
                 return _Trial(cost_passes=cost_passes, damping=self._next_damping(dampings[k], rho[k]),
-                              x=trials[k], step=steps[k], rho=rho[k], actual=actual[k], predicted=preds[k])
-            if np.max(preds) <= 16 * np.finfo(float).eps * ne.cost:
+                              x=trials[k], step=steps[k], rho=rho[k], actual=actual[k], predicted=preds[k],
+                              tried=damping)
+            if valid.any() and np.max(preds[valid]) <= 16 * np.finfo(float).eps * ne.cost:
                 return _Trial(cost_passes=cost_passes, damping=state.damping,
                               termination=Termination.NO_REDUCTION)
-            damping *= self.trial_factors[-1] * 8.0
+            damping = self._rejected_damping(damping)
             if damping > self.options.max_damping:
                 return _Trial(cost_passes=cost_passes, damping=damping, termination=Termination.DAMPING_LIMIT)
+
+    def _rejected_damping(self, damping: float) -> float:
+        """The base damping after a pass in which no trial was accepted: beyond the
+        largest one tried."""
+        return damping * self.trial_factors[-1] * 8.0
 
     def _scaled_problem(self, state: SolverState):
         """(H̃, g̃, lower, upper) of the subproblem in Moré-scaled steps s = D·Δx."""
@@ -322,10 +393,22 @@ class TrustRegionLM:
         steps, their predicted reductions (m,) and the trial points (m, P)."""
         Hs, gs, lo_s, hi_s = scaled
         dampings = damping * self.trial_factors
-        steps = [solve_box_qp(Hs + lam * np.eye(gs.size), gs, lo_s, hi_s) for lam in dampings]
+        steps = [self._subproblem(Hs + lam * np.eye(gs.size), gs, lo_s, hi_s) for lam in dampings]
+        # A step that could not be computed has predicted reduction NaN: never accepted.
         preds = np.array([-(gs @ s + 0.5 * s @ Hs @ s) for s in steps])
-        trials = np.clip(state.x + np.array(steps) / state.scale, self.lower, self.upper)
+        with np.errstate(invalid="ignore"):
+            trials = np.clip(state.x + np.array(steps) / state.scale, self.lower, self.upper)
         return dampings, steps, preds, trials
+
+    @staticmethod
+    def _subproblem(H, g, lower, upper) -> np.ndarray:
+        """The box-QP step, or NaNs where it cannot be computed (a factorisation that
+        fails, or a non-finite step)."""
+        try:
+            s = solve_box_qp(H, g, lower, upper)
+        except np.linalg.LinAlgError:
+            return np.full(g.size, np.nan)
+        return s if np.all(np.isfinite(s)) else np.full(g.size, np.nan)
 
     def _accept(self, costs, rho) -> int | None:
         """Index of the accepted trial: the cheapest whose ratio ρ of actual to predicted
@@ -346,7 +429,8 @@ class TrustRegionLM:
         return damping
 
     def _convergence_test(self, old: SolverState, new: SolverState, trial: _Trial) -> Termination | None:
-        """MINPACK's tests after an accepted step, then the iteration limit."""
+        """MINPACK's tests after an accepted step, then DETERMINED (with ``quantities``),
+        then the iteration limit."""
         o = self.options
         if trial.actual <= o.ftol * old.ne.cost and trial.predicted <= o.ftol * old.ne.cost:
             return Termination.FTOL
@@ -355,9 +439,37 @@ class TrustRegionLM:
         gradient = self._gradient_test(new)
         if gradient is not None:
             return gradient
+        if self.quantities is not None and new.settled_steps >= o.settle_steps:
+            return Termination.DETERMINED
         if new.iteration >= o.max_iterations:
             return Termination.MAX_ITERATIONS
         return None
+
+    def settled(self, old: SolverState, new: SolverState, reduction: float) -> dict:
+        """How far the step from ``old`` to ``new`` (which reduced the cost by
+        ``reduction``) moved what the data determine: ``step``, the largest change of a
+        quantity in its standard errors at ``new``; ``chi2``, the χ² reduction in noise
+        units; ``stderr`` (k,). Infinite where the covariance cannot be computed (nothing
+        is settled then). See the module docstring."""
+        values, G = (np.asarray(a, float) for a in self.quantities(new.x))
+        ne = new.ne
+        dof = ne.n - new.x.size
+        unsettled = {"step": np.inf, "chi2": np.inf, "stderr": np.full(values.shape, np.nan)}
+        if dof <= 0 or not ne.cost > 0:
+            return unsettled
+        D = new.scale
+        try:
+            w, V = np.linalg.eigh(ne.jtj / np.outer(D, D))
+        except np.linalg.LinAlgError:
+            return unsettled
+        w = np.maximum(w, 1e-15 * max(float(w.max()), np.finfo(float).tiny))
+        sigma2 = 2.0 * ne.cost / dof
+        GV = (G / D) @ V  # the quantities' gradients in the scaled eigenbasis
+        stderr = np.sqrt(sigma2 * np.sum(GV**2 / w, axis=1))
+        change = np.abs(values - np.asarray(self.quantities(old.x)[0], float))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(stderr > 0, change / stderr, np.where(change > 0, np.inf, 0.0))
+        return {"step": float(np.max(ratio, initial=0.0)), "chi2": float(2.0 * reduction / sigma2), "stderr": stderr}
 
     def _gradient_test(self, state: SolverState) -> Termination | None:
         """GTOL when the largest cosine between a Jacobian column and the residual
@@ -387,7 +499,7 @@ class TrustRegionLM:
             scale = np.asarray(saved["scale"], dtype=float)
             damping = float(saved["damping"])
             float(saved["cost"])  # checked by the caller against the recomputed cost
-            counters = [saved[k] for k in ("iteration", "normal_passes", "cost_passes")]
+            counters = [saved[k] for k in ("iteration", "normal_passes", "cost_passes", "settled_steps")]
             termination = saved["termination"]
         except KeyError as exc:
             raise ValueError(f"missing field {exc.args[0]!r}") from None
@@ -400,12 +512,12 @@ class TrustRegionLM:
         if not (np.isfinite(damping) and damping > 0):
             raise ValueError(f"damping = {damping!r}: must be finite and > 0")
         if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counters):
-            raise ValueError(f"iteration and pass counters must be integers >= 0, got {counters}")
+            raise ValueError(f"iteration, pass and settled-step counters must be integers >= 0, got {counters}")
         if termination is not None and termination not in {t.value for t in Termination}:
             raise ValueError(f"termination {termination!r}: not null nor one of "
                              f"{', '.join(t.value for t in Termination)}")
         if np.any(x < self.lower) or np.any(x > self.upper):
             raise ValueError("x lies outside the bounds")
-        iteration, normal_passes, cost_passes = counters
+        iteration, normal_passes, cost_passes, settled_steps = counters
         return dict(x=x, scale=scale, damping=damping, iteration=iteration, normal_passes=normal_passes,
-                    cost_passes=cost_passes, termination=None if termination is None else Termination(termination))
+                    cost_passes=cost_passes, settled_steps=settled_steps, termination=None if termination is None else Termination(termination))

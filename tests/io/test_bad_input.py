@@ -640,7 +640,7 @@ CONFIG_CASES = [
     ("bounds: {offset: [-1.0e308, 1.0e308]}\n", "bounds.offset: need lower < upper and a finite width"),
     ("bounds: {D0: 5}\n", "bounds.D0: Input should be a valid tuple (got 5)"),
     ("initial: [D0, 1]\n", "initial: Input should be a valid dictionary (got ['D0', 1])"),
-    ("solver: {maxiter: 5}\n", "solver.maxiter: unknown key (known: max_iterations, ftol, xtol, gtol)"),
+    ("solver: {maxiter: 5}\n", "solver.maxiter: unknown key (known: max_iterations, ftol, xtol, gtol, qtol, settle_steps)"),
     ("initail: {D0: 1}\n", "initail: unknown key (known: mode, gap"),
     ("mode: static\nmode: laminar_flow\n", "line 2, column 1: not valid YAML (key 'mode' given twice (first on line 1))"),
     ("solver:\n  ftol: 1.0e-8\n  ftol: 1.0e-6\n", "line 3, column 3: not valid YAML (key 'ftol' given twice"),

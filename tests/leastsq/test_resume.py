@@ -112,7 +112,7 @@ def _doc(**changes):
 
 
 STATE = {"x": [1.5, 2.5], "scale": [1.0, 1.0], "damping": 1e-3, "cost": 1.0, "iteration": 3,
-         "normal_passes": 4, "cost_passes": 3, "termination": None}
+         "normal_passes": 4, "cost_passes": 3, "settled_steps": 0, "termination": None}
 
 
 def test_checkpoint_round_trip_and_removal(tmp_path):
@@ -159,7 +159,7 @@ def test_checkpoint_of_another_fit_is_not_used(tmp_path, changes, named):
         (b"\xff\xfe\x00", "not valid JSON"),
         ('{"kind": "something-else"}', "not an xpcsfit checkpoint"),
         ("[1, 2]", "not an xpcsfit checkpoint"),
-        ('{"kind": "xpcsfit-checkpoint", "format": 1}', "checkpoint format 1, this xpcsfit reads 2"),
+        ('{"kind": "xpcsfit-checkpoint", "format": 1}', "checkpoint format 1, this xpcsfit reads 3"),
     ],
 )
 def test_unreadable_checkpoint_gives_a_note(tmp_path, text, words):
@@ -374,7 +374,7 @@ def test_truncated_checkpoint_is_ignored_with_a_note(driver_problem, tmp_path, c
 
     ds, ev, layout, cfg = driver_problem
     ck = Checkpoint(tmp_path / "res")
-    ck.path.write_text('{"kind": "xpcsfit-checkpoint", "format": 2, "fingerprint": "ab')  # cut off
+    ck.path.write_text('{"kind": "xpcsfit-checkpoint", "format": 3, "fingerprint": "ab')  # cut off
     r = _solve(ev, ds, cfg, layout, 2.0e6, 32, True, ck)
     lines = [line for line in capsys.readouterr().out.splitlines() if "checkpoint" in line]
     assert len(lines) == 1 and "not used: not valid JSON" in lines[0] and lines[0].endswith("starting over")

@@ -25,15 +25,16 @@ used; the caller prints why in one line and the fit starts over (overwriting it)
 
 File layout (JSON)::
 
-    {"kind": "xpcsfit-checkpoint", "format": 2, "xpcsfit_version": "0.1.0",
+    {"kind": "xpcsfit-checkpoint", "format": 3, "xpcsfit_version": "0.1.0",
      "input": "/path/of/input.hdf", "saved_at": "2026-…Z",
      "fingerprint": "<sha256 hex>", "fingerprint_of": {…the hashed mapping…},
      "state": {"x": […], "scale": […], "damping": …, "cost": …, "iteration": …,
-               "normal_passes": …, "cost_passes": …, "termination": null}}
+               "normal_passes": …, "cost_passes": …, "settled_steps": …, "termination": null}}
 
 ``state`` is :meth:`xpcsfit.solver.SolverState.saved`; ``termination`` is null while the
 fit runs, else a :class:`xpcsfit.solver.Termination` value ("ftol", …). Format 1 (before
-the Termination enum) stored done/converged flags and the message; it is not read.
+the Termination enum) stored done/converged flags and the message; format 2 lacked
+``settled_steps`` (the DETERMINED test); neither is read.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.io.store import STORE_VERSION
 
 KIND = "xpcsfit-checkpoint"
-FORMAT = 2
+FORMAT = 3
 
 
 def checkpoint_path(out: str | Path) -> Path:

@@ -27,6 +27,12 @@ from xpcsfit.errors import ConfigError
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.result_dir import claim_result_directory, result_manifest
 from xpcsfit.leastsq.checkpoint import Checkpoint, fingerprint
+from xpcsfit.leastsq.determined import (
+    DriftLog,
+    determined_quantities,
+    undetermined_record,
+    window_times,
+)
 from xpcsfit.leastsq.initial import initial_estimates
 from xpcsfit.leastsq.output import create_fitted_store, write_fitted_tile
 from xpcsfit.leastsq.results import (
@@ -37,6 +43,7 @@ from xpcsfit.leastsq.results import (
     provenance_record,
     transport_bands,
 )
+from xpcsfit.leastsq.starts import best_start, draw_starts, run_starts, starts_record
 from xpcsfit.model import enable_float64
 from xpcsfit.parameters import (
     DEFAULT_INITIAL,
@@ -52,7 +59,7 @@ from xpcsfit.solver import IterationReport, SolverState, TrustRegionLM
 
 def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
         config=None, out=None, client=None, scheduler=None, tile=None, dt=None,
-        progress=True, resume=True, cluster=None, in_process=None) -> FitResult:
+        progress=True, resume=True, cluster=None, in_process=None, starts=None, seed=None) -> FitResult:
     """Fit the homodyne model to two-time c2 data, in this process or on a Dask cluster.
 
     Parameters
@@ -83,6 +90,16 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         gpu, slurm, pbs, kubernetes (:mod:`xpcsfit.engine.specs`); checked before any work.
     tile : int, optional
         Tile edge in frames (default: the config's, else a store's chunk side, else 128).
+    starts : int, optional
+        Number of starts (default: the config's ``starts``, else 1). With N > 1: the
+        usual start and N − 1 Latin hypercube starts inside the bounds, fitted in
+        parallel on the cluster; the best is the result, and fit.json's ``starts`` says
+        how many reached it and which converged elsewhere (:mod:`xpcsfit.leastsq.starts`).
+        It runs on a cluster unless ``in_process=True`` (then the starts run one after
+        another in this process).
+        Such a fit is not resumed from a checkpoint.
+    seed : int, optional
+        Seed of the Latin hypercube (default: the config's ``starts_seed``, else 0).
     progress : bool
         Print one line per iteration.
     resume : bool
@@ -118,8 +135,10 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     started = time.perf_counter()
     enable_float64()
     cluster = None if cluster is None else load_cluster_spec(cluster)
-    cfg = load_config(config, mode=mode, gap=gap, tile=tile)
+    cfg = load_config(config, mode=mode, gap=gap, tile=tile, starts=starts, starts_seed=seed)
     plan = _plan(input, cfg, dict(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt))
+    if cfg.starts > 1 and in_process is None:
+        in_process = False  # the starts run as parallel tasks on a cluster
     local, why = choose_in_process(in_process, plan.n_points, client=client, scheduler=scheduler, cluster=cluster)
     say(progress, f"{_describe(input, cfg, plan)}; {why}")
 
@@ -268,8 +287,9 @@ def _run(evaluator: TileEvaluator, where: str, cfg, plan: _Plan, progress, targe
     """Solve (resuming from the checkpoint beside ``target``), record the input, the
     engine and the provenance (``where`` it ran), and write the result directory when
     there is a target."""
-    checkpoint = Checkpoint(target.final, resume) if target is not None else None
-    result = _solve(evaluator, plan.ds, cfg, plan.layout, plan.L, plan.size, progress, checkpoint)
+    checkpoint = Checkpoint(target.final, resume) if target is not None and cfg.starts == 1 else None
+    result = _solve(evaluator, plan.ds, cfg, plan.layout, plan.L, plan.size, progress, checkpoint,
+                    client=getattr(evaluator, "client", None), specs=plan.specs)
     result.provenance = provenance_record(cfg, plan.gap_defaulted, where)
     result.input = input_record(plan.ds, plan.n_points, plan.L)
     result.engine = {"tile_size": plan.size} | evaluator.stats()
@@ -278,7 +298,8 @@ def _run(evaluator: TileEvaluator, where: str, cfg, plan: _Plan, progress, targe
         return result
     _write(target.partial, result, plan.ds, evaluator, plan.layout, cfg, plan.L, plan.size, started)
     target.commit()
-    checkpoint.remove()
+    if checkpoint is not None:
+        checkpoint.remove()
     return result
 
 
@@ -305,8 +326,10 @@ def _starting_point(evaluator: TileEvaluator, ds, cfg, layout, L):
     return layout.join(theta0, *per_bin), bounds[:, 0], bounds[:, 1]
 
 
-def _solve(evaluator: TileEvaluator, ds, cfg, layout, L, size, progress, checkpoint=None) -> FitResult:
-    """Run the solver from the start values, or from ``checkpoint``'s saved state.
+def _solve(evaluator: TileEvaluator, ds, cfg, layout, L, size, progress, checkpoint=None,
+           client=None, specs=None) -> FitResult:
+    """Run the solver from the start values, or from ``checkpoint``'s saved state; with
+    ``cfg.starts`` > 1, from that many starts as tasks on ``client`` over ``specs``.
 
     With a :class:`~xpcsfit.leastsq.checkpoint.Checkpoint`, the state is saved after every
     iteration; a saved state of this very fit (same fingerprint) is resumed from, and
@@ -320,7 +343,7 @@ def _solve(evaluator: TileEvaluator, ds, cfg, layout, L, size, progress, checkpo
         x0, lower, upper = _starting_point(evaluator, ds, cfg, layout, L)
         say(progress, "xpcsfit: start " + ", ".join(
             f"{n}={v:.4g}" for n, v in zip(layout.physics, x0[: layout.p])))
-        solver = TrustRegionLM(lower, upper, callback=report, **cfg.solver.model_dump())
+        solver = _solver(lower, upper, ds, cfg, layout, callback=report)
         state, resumed_from = None, None
         if checkpoint is not None:
             saved, note = checkpoint.open(fingerprint(ds, cfg, L, size, x0, lower, upper), ds.attrs["source"])
@@ -328,24 +351,68 @@ def _solve(evaluator: TileEvaluator, ds, cfg, layout, L, size, progress, checkpo
                 say(progress, note)
             if saved is not None:
                 state, resumed_from = _resume(solver, evaluator, saved, checkpoint, progress)
+        multi = None
+        if cfg.starts > 1:
+            state, multi = _multi_start(solver, evaluator, ds, cfg, layout, L, x0, lower, upper, client, specs,
+                                        progress)
         if state is None:
             state = solver.init(evaluator, x0)
-    state = _iterate(solver, evaluator, state, checkpoint, progress)
+    drift = DriftLog(layout.physics, lower, upper)
+    state = _iterate(solver, evaluator, state, checkpoint, progress, drift)
     this_run = "" if resumed_from is None else \
         f" ({evaluator.normal_passes + evaluator.cost_passes} in this run)"
     say(progress, f"xpcsfit: {solver.message(state)} after {state.iteration} iterations, "
                   f"{state.passes} data passes{this_run}")
     result = _result(state, solver.message(state), evaluator, ds, cfg, layout)
+    drifted, drift_iterations = drift.drifted(), drift.iterations
+    if multi is not None:  # the best start's drift, as logged on its worker
+        outcomes, best, xs = multi
+        drifted, drift_iterations = outcomes[best]["drifted"], outcomes[best]["drift_iterations"]
+    result.undetermined, drift_warnings = undetermined_record(drifted, drift_iterations, state.converged)
+    if multi is not None:
+        result.starts, start_warnings = starts_record(outcomes, xs, best, result, cfg.starts_seed)
+        result.warnings += start_warnings
+        say(progress, f"xpcsfit: {result.starts['reached_best']} of {cfg.starts} starts reached the best "
+                      f"(start {best}); {len(result.starts['distinct_minima'])} distinct minima")
+    result.warnings += drift_warnings
     result.start, result.lower, result.upper, result.resumed_from = x0, lower, upper, resumed_from
     return result
 
 
-def _iterate(solver: TrustRegionLM, evaluator, state: SolverState, checkpoint, progress) -> SolverState:
+def _solver(lower, upper, ds, cfg, layout, callback=None) -> TrustRegionLM:
+    """The fit's solver: the config's options, convergence judged by what the data
+    determine over the window of ``ds`` (:mod:`xpcsfit.leastsq.determined`)."""
+    t = ds["t1"].values
+    quantities = determined_quantities(layout, cfg.mode, window_times(t[0], t[-1]))
+    return TrustRegionLM(lower, upper, callback=callback, quantities=quantities, **cfg.solver.model_dump())
+
+
+def _multi_start(solver, evaluator, ds, cfg, layout, L, x0, lower, upper, client, specs, progress):
+    """Fit from ``cfg.starts`` starts in parallel (:mod:`xpcsfit.leastsq.starts`); the
+    best final state restored on ``evaluator`` (one normal-equations pass), and
+    (outcomes, best index, starts (n, P))."""
+    t = ds["t1"].values
+    times = window_times(t[0], t[-1])
+    xs = draw_starts(x0, lower, upper, layout.p, cfg.starts, cfg.starts_seed, times, evaluator.costs, layout.n_bins)
+    say(progress, f"xpcsfit: fitting from {cfg.starts} starts (Latin hypercube, seed {cfg.starts_seed}) "
+                  f"as parallel tasks")
+    outcomes = run_starts(client, specs, layout, cfg.mode, L, cfg.solver.model_dump(), times, xs, lower, upper)
+    best = best_start(outcomes)
+    return solver.restore(evaluator, outcomes[best]["state"]), (outcomes, best, xs)
+
+
+def _iterate(solver: TrustRegionLM, evaluator, state: SolverState, checkpoint, progress,
+             drift: DriftLog | None = None) -> SolverState:
     """Step until the solver terminates, saving the state after every step (until the
-    checkpoint cannot be written: then one warning, and no more tries)."""
+    checkpoint cannot be written: then one warning, and no more tries); every state's
+    physics parameters go to ``drift``."""
+    if drift is not None:
+        drift.add(state.x, state.settled_steps)
     while not solver.terminate(state)[0]:
         with evaluator.phase(f"iteration {state.iteration + 1}"):
             state = solver.step(evaluator, state)
+        if drift is not None:
+            drift.add(state.x, state.settled_steps)
         if checkpoint is not None:
             try:
                 checkpoint.save(state.saved())
@@ -374,7 +441,11 @@ def _result(state: SolverState, termination: str, evaluator: TileEvaluator, ds, 
     P = layout.size
     dof = ne.n - P
     chi2 = 2.0 * ne.cost
-    cov, warn = covariance_from_normal_equations(ne.jtj, chi2, dof)
+    try:
+        cov, warn = covariance_from_normal_equations(ne.jtj, chi2, dof)
+    except np.linalg.LinAlgError as exc:  # e.g. "Eigenvalues did not converge"
+        cov = np.full((P, P), np.nan)
+        warn = [f"the covariance could not be computed ({exc}): standard errors and bands are NaN"]
     warn += correlation_warnings(list(layout.physics), cov)
     if not state.converged:
         warn.insert(0, f"not converged: {termination}")

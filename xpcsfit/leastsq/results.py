@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from xpcsfit.errors import InputError
-from xpcsfit.model import shear_rate, transport_coefficient
+from xpcsfit.model import power_law_gradient, shear_rate, transport_coefficient
 from xpcsfit.parameters import MODES, UNITS
 
 CORRELATION_LIMIT = 0.99
@@ -62,6 +62,13 @@ class FitResult:
         ``iteration`` it continued from, the ``data_passes`` made before it (by the
         killed run; ``data_passes`` above counts only this run's), and the
         ``checkpoint`` path. None for a fit run from the start.
+    undetermined : dict or None
+        For a converged fit whose physics parameters still drifted while what the data
+        determine had settled (:class:`xpcsfit.leastsq.determined.DriftLog`):
+        ``parameters`` (names), ``relative_drift`` ({name: change}) and ``iterations``
+        (over how many). None otherwise.
+    starts : dict or None
+        For a fit from several starts (``starts`` > 1): :func:`xpcsfit.leastsq.starts.starts_record`.
     engine : dict
         What the engine did: tile size, tiles and parts, ``storage`` ("hold" or
         "stream", the config's ``memory`` as chosen), passes,
@@ -101,6 +108,8 @@ class FitResult:
     upper: np.ndarray | None = None
     engine: dict = field(default_factory=dict)
     resumed_from: dict | None = None
+    undetermined: dict | None = None
+    starts: dict | None = None
 
     @property
     def parameters(self) -> dict[str, float]:
@@ -148,6 +157,8 @@ class FitResult:
             "iterations": self.iterations,
             "data_passes": self.data_passes,
             "resumed_from": self.resumed_from,
+            "undetermined": self.undetermined,
+            "starts": self.starts,
             "wall_time_s": self.wall_time_s,
             "transport": {k: lst(v) for k, v in self.transport.items()},
             "warnings": self.warnings,
@@ -228,6 +239,7 @@ class FitResult:
             provenance=dict(d.get("provenance") or {}),
             x=np.concatenate([values, contrast.ravel(), offset.ravel()]),
             engine=dict(d.get("engine") or {}), resumed_from=d.get("resumed_from"),
+            undetermined=d.get("undetermined"), starts=d.get("starts"),
         )
 
 
@@ -362,11 +374,8 @@ def transport_bands(mode: str, theta, covariance, t) -> dict:
     cov = covariance[:p, :p]
 
     def stderr(first):  # the power law's parameters are theta[first : first + 3]
-        a0, a = theta[first], theta[first + 1]
         grad = np.zeros((t.size, p))
-        grad[:, first] = t**a
-        grad[:, first + 1] = a0 * t**a * np.log(t)
-        grad[:, first + 2] = 1.0
+        grad[:, first : first + 3] = power_law_gradient(theta[first], theta[first + 1], t)
         var = np.einsum("ni,ij,nj->n", grad, cov, grad)
         return np.sqrt(np.maximum(var, 0.0))
 
