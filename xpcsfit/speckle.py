@@ -37,6 +37,7 @@ noisier.
 from __future__ import annotations
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from xpcsfit.model import power_integral
 
@@ -109,15 +110,21 @@ def speckle_intensities(rng: np.random.Generator, q: float, phi: float, theta: n
     s = SAMPLES_PER_PIXEL_SIDE
     m = side // s
     out = np.empty((t.size, m * m), np.float32)
-    for a in range(0, t.size, frame_chunk):
-        b = min(t.size, a + frame_chunk)
+    with threadpool_limits(1, user_api="blas"):  # small products: threads only contend
+        _fields(out, u, v, qu, qv, n, s, m, counts, rng, frame_chunk)
+    return out
+
+
+def _fields(out, u, v, qu, qv, n, s, m, counts, rng, frame_chunk):
+    """Fill ``out`` (T, m²) with the Poisson counts of the pixels, frame chunk by chunk."""
+    for a in range(0, out.shape[0], frame_chunk):
+        b = min(out.shape[0], a + frame_chunk)
         X = np.exp(1j * (u[a:b, None, :] * qu[None, :, None])).astype(np.complex64)  # (f, side, N)
         Y = np.exp(1j * (v[a:b, :, None] * qv[None, None, :])).astype(np.complex64)  # (f, N, side)
         E = X @ Y
         intensity = (E.real**2 + E.imag**2) / n  # mean 1 per speckle
         pix = intensity.reshape(b - a, m, s, m, s).mean(axis=(2, 4)).reshape(b - a, -1)
         out[a:b] = rng.poisson(counts * pix)
-    return out
 
 
 def correlate(frames: np.ndarray, a: int = 0, b: int | None = None) -> np.ndarray:

@@ -84,6 +84,10 @@ class TileEvaluator:
         (:meth:`map_tiles`: start values, fitted output).
     last_block_sums : (x, BlockSums) or None
         The sums of the latest normal-equations pass and the x they are at.
+    bin_weight : ndarray (n_bins,) or None
+        Weight w_k = 1/σ_k² of each bin's points in the normal-equation and cost passes
+        (weighted least squares; see :mod:`xpcsfit.leastsq.noise`); None: all 1. Set it
+        before the solver's first pass.
     """
 
     def __init__(self, places: list[TilePlace], layout: ParameterLayout, mode: str, L: float):
@@ -94,6 +98,7 @@ class TileEvaluator:
         self.cost_passes = 0
         self.other_passes = 0
         self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
+        self.bin_weight: np.ndarray | None = None
 
     def _map(self, kind: str, func, *args) -> list:
         raise NotImplementedError
@@ -138,8 +143,9 @@ class TileEvaluator:
         self.other_passes += 1
         return self._map(kind, func, *args)
 
-    def lag_sums(self, n_lags: int) -> tuple[np.ndarray, np.ndarray]:
-        """Σ c2 and point counts per bin and lag, (n_bins, n_lags) each (start values)."""
+    def lag_sums(self, n_lags: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Σ c2, point counts and Σ c2² per bin and lag, (n_bins, n_lags) each (start
+        values and the noise level)."""
         per_tile = self.map_tiles("lag-sums", tile_lag_sums)
         return add_lag_sums(per_tile, self.bin_starts, self.layout.n_bins, self.layout.n_phi, n_lags)
 
@@ -163,7 +169,7 @@ class InProcessEvaluator(TileEvaluator):
         return [func(t, *args) for t in self.tiles]
 
     def _map_reduce(self, kind, func, x):
-        return tree_sum(self._map(kind, func, x, self.layout, self.mode, self.L))
+        return tree_sum(self._map(kind, func, x, self.layout, self.mode, self.L, self.bin_weight))
 
     def close(self):
         self.tiles = []
@@ -335,7 +341,8 @@ class DaskEvaluator(TileEvaluator):
         started = time.perf_counter()
         name = task_name(kind, self._token, self.passes)
         self.bytes_to_workers += x.nbytes * len(self.parts)  # x (P or 4 × P numbers) goes in each task
-        futures = [self._submit(part_sum, func, part, x, self.layout, self.mode, self.L, key=(name, i))
+        futures = [self._submit(part_sum, func, part, x, self.layout, self.mode, self.L, self.bin_weight,
+                                key=(name, i))
                    for i, part in enumerate(self.parts)]
         with self._workers_dying(f"computing {kind.replace('-', ' ')}", futures):
             sums = self.client.gather(futures)
