@@ -354,8 +354,9 @@ def _covariance(state, evaluator: TileEvaluator, ds, cfg, layout, chi2: float, d
                     f"{worst % layout.n_phi}: {ratio[worst]:.3g}); the uncertainties assume the model is right")
     if cfg.covariance == "naive":
         return naive, warn, noise
-    per_tile = evaluator.map_tiles("noise", tile_inflation_sums, state.x, layout, cfg.mode, evaluator.L,
-                                   evaluator.bin_weight, MAX_LAG)
+    with evaluator.phase("covariance"):
+        per_tile = evaluator.map_tiles("covariance", tile_inflation_sums, state.x, layout, cfg.mode,
+                                       evaluator.L, evaluator.bin_weight, MAX_LAG)
     kappa, by_q, record = inflation(per_tile, layout.n_q, layout.n_bins, MAX_LAG)
     cov = inflated_covariance(state.ne.jtj, [b.normal_equations().jtj for b in by_q], kappa, chi2 / dof)
     noise |= {"covariance_method": INFLATED_METHOD, "kappa": kappa.tolist(),
