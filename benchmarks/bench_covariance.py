@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from bench_suite import WORKLOADS, prepare_input
+
 from xpcsfit.config import load_config
 from xpcsfit.engine.evaluator import InProcessEvaluator
 from xpcsfit.leastsq.driver import _plan, _starting_point
