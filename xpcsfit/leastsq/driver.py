@@ -358,7 +358,8 @@ def _covariance(state, evaluator: TileEvaluator, ds, cfg, layout, chi2: float, d
         per_tile = evaluator.map_tiles("covariance", tile_inflation_sums, state.x, layout, cfg.mode,
                                        evaluator.L, evaluator.bin_weight, MAX_LAG)
     kappa, by_q, record = inflation(per_tile, layout.n_q, layout.n_bins, MAX_LAG)
-    cov = inflated_covariance(state.ne.jtj, [b.normal_equations().jtj for b in by_q], kappa, chi2 / dof)
+    by_q = [b.normal_equations().jtj for b in by_q] if layout.n_q > 1 else []
+    cov = inflated_covariance(state.ne.jtj, by_q, kappa, chi2 / dof)
     noise |= {"covariance_method": INFLATED_METHOD, "kappa": kappa.tolist(),
               "correlation_length_frames": record["correlation_length"].tolist(),
               "lag_window_frames": record["window"].tolist()}

@@ -94,11 +94,12 @@ def noise_levels(sums: np.ndarray, counts: np.ndarray, squares: np.ndarray) -> n
 def tile_inflation_sums(tile, x, layout, mode: str, L: float, bin_weight, max_lag: int) -> tuple:
     """Worker task of the covariance pass: (q position, residual lag sums of
     :func:`xpcsfit.cmc.noise.tile_noise_sums`, the tile's weighted
-    :func:`~xpcsfit.engine.kernel.tile_block_sums`) at the optimum x."""
+    :func:`~xpcsfit.engine.kernel.tile_block_sums` — None for a fit of one q, whose H_q
+    is the solver's H) at the optimum x."""
     from xpcsfit.cmc.noise import tile_noise_sums
 
-    return (tile.index[0], tile_noise_sums(tile, x, layout, mode, L, max_lag),
-            tile_block_sums(tile, x, layout, mode, L, bin_weight))
+    per_q = tile_block_sums(tile, x, layout, mode, L, bin_weight) if layout.n_q > 1 else None
+    return tile.index[0], tile_noise_sums(tile, x, layout, mode, L, max_lag), per_q
 
 
 def inflation(per_tile: list, n_q: int, n_bins: int, max_lag: int) -> tuple[np.ndarray, list, dict]:
@@ -109,7 +110,8 @@ def inflation(per_tile: list, n_q: int, n_bins: int, max_lag: int) -> tuple[np.n
     record = noise_model([n for _, n, _ in per_tile], n_q, n_bins, 1, max_lag)
     by_q = [None] * n_q
     for iq, _, sums in per_tile:
-        by_q[iq] = sums if by_q[iq] is None else by_q[iq] + sums
+        if sums is not None:
+            by_q[iq] = sums if by_q[iq] is None else by_q[iq] + sums
     return np.asarray(record["kappa_full"], float), by_q, record
 
 
@@ -117,7 +119,7 @@ def inflated_covariance(jtj: np.ndarray, jtj_by_q: list, kappa: np.ndarray, scal
     """V = H⁻¹ (Σ_q κ_q H_q) H⁻¹ · scale (P, P) (see the module doc); H = ``jtj``, H_q
     ``jtj_by_q``, scale = χ²/(n − P). H⁻¹ is the eigen-floored inverse of
     :func:`~xpcsfit.leastsq.results.covariance_from_normal_equations`."""
-    if len(jtj_by_q) == 1:  # H₁ = H: exactly κ times the naive covariance
+    if len(kappa) == 1:  # H₁ = H: exactly κ times the naive covariance
         cov, _ = covariance_from_normal_equations(jtj, scale, 1)
         return float(kappa[0]) * cov
     h_inverse, _ = covariance_from_normal_equations(jtj, 1.0, 1)
