@@ -122,7 +122,9 @@ def inflated_covariance(jtj: np.ndarray, jtj_by_q: list, kappa: np.ndarray, scal
     if len(kappa) == 1:  # H₁ = H: exactly κ times the naive covariance
         cov, _ = covariance_from_normal_equations(jtj, scale, 1)
         return float(kappa[0]) * cov
+    # Σ κ_q H_q = H + Σ (κ_q − 1) H_q: the naive covariance (with its eigenvalue floor
+    # for undetermined directions, where H⁻¹HH⁻¹ would not be H⁻¹) plus the excess.
     h_inverse, _ = covariance_from_normal_equations(jtj, 1.0, 1)
-    M = sum(k * h for k, h in zip(kappa, jtj_by_q))
-    V = h_inverse @ M @ h_inverse * scale
+    excess = sum((k - 1.0) * h for k, h in zip(kappa, jtj_by_q))
+    V = (h_inverse + h_inverse @ excess @ h_inverse) * scale
     return 0.5 * (V + V.T)
