@@ -1,7 +1,7 @@
 """The result of a fit: parameters, uncertainties, derived J(t) and gamma_dot(t).
 
-Covariance: by default the sandwich of :mod:`xpcsfit.leastsq.uncertainty`, which
-accounts for the correlated noise of two-time maps; with ``covariance: naive``,
+Covariance: by default the inflated covariance of :mod:`xpcsfit.leastsq.uncertainty`,
+which accounts for the correlated noise of two-time maps; with ``covariance: naive``,
 C = (JᵀWJ)⁻¹ · χ²/(n − P) at the optimum, χ² = Σ w r² (right only for independent
 points). ``noise`` records the noise level per bin, the weights w = 1/σ² and the method.
 Bands of derived quantities use the delta method: var f = ∇fᵀ C ∇f.
@@ -57,7 +57,8 @@ class FitResult:
     noise : dict
         ``estimator`` and ``sigma`` (n_q, n_phi) of the noise level per bin (the fit's
         weights are 1/sigma²), ``reduced_chi2_per_bin`` (n_q, n_phi) and
-        ``covariance_method``, with the sandwich's block size and bandwidths.
+        ``covariance_method``, with the inflation ``kappa`` per q, the residual
+        correlation length and the lag window (frames) it was summed over.
     input, provenance : dict
     x, start, lower, upper : ndarray (P,)
         Final and starting solver vectors and the bounds, over all parameters
