@@ -165,13 +165,20 @@ def _simulate_parser(sub):
     p.add_argument("--gap", type=float, default=2.0e6, help="L, Å")
     p.add_argument("--noise", type=float, default=0.02, help="Gaussian noise sd per element")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--speckle", action="store_true",
+                   help="simulate the measurement: moving particles, speckle, Poisson counts, a correlator's c2 "
+                        "(correlated noise as real data have; --noise is then not used)")
+    p.add_argument("--pixels", type=int, default=256, help="--speckle: pixels per (q, phi) bin")
+    p.add_argument("--particles", type=int, default=256, help="--speckle: scatterers per bin")
+    p.add_argument("--counts", type=float, default=2.0, help="--speckle: mean photons per pixel per frame")
 
 
 def _run_simulate(args) -> int:
     from xpcsfit.simulate import simulate, truth_path
 
     out = simulate(args.out, mode=args.mode, q=args.q, n_phi=args.n_phi, n_frames=args.n_frames,
-                   dt=args.dt, gap=args.gap, noise=args.noise, seed=args.seed)
+                   dt=args.dt, gap=args.gap, noise=args.noise, seed=args.seed, speckle=args.speckle,
+                   pixels=args.pixels, particles=args.particles, counts=args.counts)
     print(f"wrote {out} and {truth_path(out)}")
     return 0
 

@@ -6,6 +6,7 @@ Example ``fit.yaml``::
     gap: 2.0e6              # Å
     tile: 128               # frames per time tile (default: a store's chunk side, else 128)
     memory: auto            # hold tiles on the workers, stream them each pass, or choose
+    covariance: inflated    # errors for correlated noise (lag-autocorrelation inflation), or naive
     initial: {D0: 15000, phi0: 5}
     bounds: {D0: [100, 1.0e6], phi0: [-20, 20]}
     solver: {max_iterations: 200, ftol: 1.0e-8, qtol: 0.05}
@@ -76,6 +77,7 @@ class FitConfig(BaseModel):
     gap: Number | None = Field(None, gt=0, description="gap L, Å")
     tile: Count | None = Field(None, ge=8, le=4096, description="frames per tile; default: a store's chunk, else 128")
     memory: Literal["auto", "hold", "stream"] = "auto"
+    covariance: Literal["inflated", "naive"] = "inflated"  # see xpcsfit.leastsq.uncertainty
     initial: dict[str, Number] = {}
     bounds: dict[str, tuple[Number, Number]] = {}
     solver: SolverOptions = SolverOptions()

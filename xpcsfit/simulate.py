@@ -4,9 +4,15 @@ The file has the keys and conventions of a boost_corr result (DESIGN.md §3): up
 triangular float32 maps, processed_bins, the q × phi grid and frame_time. Beside it,
 ``<name>.truth.json`` records every parameter used, so fits can be checked.
 
-Noise is Gaussian, independent per element, with standard deviation ``noise`` (real
-correlator output has correlated noise; this is the simple, known case). Maps are
-generated in row bands so 23 × 8000² datasets never sit in memory.
+Two kinds of noise:
+
+- default: Gaussian, independent per element, with standard deviation ``noise`` (the
+  simple, known case). Maps are generated in row bands so 23 × 8000² datasets never sit
+  in memory.
+- ``speckle=True``: moving particles, far-field speckle with Poisson counts and a
+  correlator's c2 (:mod:`xpcsfit.speckle`): noise as real correlator output has it,
+  correlated over a decorrelation time and different per bin. Each bin's frames
+  (T × pixels counts) are held while its map is written band by band.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.model import c2_model, enable_float64
 from xpcsfit.parameters import DEFAULT_GAP, MODES
+from xpcsfit.speckle import correlate, speckle_intensities
 
 TRUTH = {
     "D0": 2.0e4,
@@ -82,7 +89,8 @@ def refuse_foreign(out: Path) -> None:
 
 def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_frames: int = 500,
              dt: float = 0.1, gap: float = DEFAULT_GAP, params: dict | None = None,
-             contrast: float = 0.25, offset: float = 1.0, noise: float = 0.02, seed: int = 0) -> Path:
+             contrast: float = 0.25, offset: float = 1.0, noise: float = 0.02, seed: int = 0,
+             speckle: bool = False, pixels: int = 256, particles: int = 256, counts: float = 2.0) -> Path:
     """Write a simulated APS-U result file and its truth JSON.
 
     Parameters
@@ -108,6 +116,15 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
     noise : float
         Standard deviation of the Gaussian noise added to every element.
     seed : int
+    speckle : bool
+        Simulate the measurement instead (:mod:`xpcsfit.speckle`): particles, speckle,
+        Poisson counts, a correlator's c2. ``contrast``, ``offset`` and ``noise`` are
+        then not used: the contrast is 1/4·(1 − 1/particles), the offset 1, and the noise
+        is what the counts give.
+    pixels, particles : int
+        Speckle mode: pixels per (q, phi) bin, scatterers per bin.
+    counts : float
+        Speckle mode: mean photons per pixel per frame.
 
     Returns
     -------
@@ -116,7 +133,8 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
     Raises
     ------
     ConfigError
-        Unknown mode or parameter, or a non-positive size, dt, gap or noise < 0.
+        Unknown mode or parameter, or a non-positive size, dt, gap, pixels, particles
+        or counts, or noise < 0.
     """
     enable_float64()
     if mode not in MODES:
@@ -128,6 +146,8 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
         values[name] = float(value)
     if n_phi < 1 or n_frames < 3 or dt <= 0 or gap <= 0 or noise < 0 or not len(q):
         raise ConfigError("simulate needs n_phi >= 1, n_frames >= 3, dt > 0, gap > 0, noise >= 0 and a q")
+    if speckle and (pixels < 1 or particles < 2 or not counts > 0):
+        raise ConfigError("simulate --speckle needs pixels >= 1, particles >= 2 and counts > 0")
     theta = np.array([values[n] for n in MODES["laminar_flow"]])[: len(MODES[mode])]
     q = np.asarray(q, float)
     phis = phi_grid(n_phi)
@@ -148,14 +168,23 @@ def simulate(out, *, mode: str = "laminar_flow", q=(0.0055,), n_phi: int = 8, n_
 
         return band
 
+    def speckle_band_of(iq, ip):
+        frames = speckle_intensities(np.random.default_rng([seed, iq, ip]), q[iq], phis[ip], theta, mode, t,
+                                     gap, pixels=pixels, particles=particles, counts=counts)
+        return lambda a, b: correlate(frames, a, b)
+
     out = Path(out)
     refuse_foreign(out)
-    maps = {(iq, ip): band_of(iq, ip) for iq in range(q.size) for ip in range(n_phi)}
+    maker = speckle_band_of if speckle else band_of
+    maps = {(iq, ip): maker(iq, ip) for iq in range(q.size) for ip in range(n_phi)}
     write_aps_u(out, q_grid=q, phi_grid=phis, maps=maps, frame_time=dt, n_frames=n_frames,
                 attrs={SIMULATED_ATTR: __version__})
     truth = {"file": out.name, "mode": mode,
              "truth": {n: values[n] for n in MODES[mode]} | {"L": gap, "dt": dt, "n_frames": n_frames},
              "contrast": contrast, "offset": offset, "noise_sigma": noise, "q": q.tolist(),
              "phi": phis.tolist(), "seed": seed, "units": _TRUTH_UNITS}
+    if speckle:
+        truth.update(contrast=0.25 * (1.0 - 1.0 / particles), offset=1.0, noise_sigma=None,
+                     speckle={"pixels": pixels, "particles": particles, "counts": counts})
     atomic_write_text(truth_path(out), json.dumps(truth, indent=1))
     return out

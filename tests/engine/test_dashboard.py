@@ -22,7 +22,7 @@ import xpcsfit
 from xpcsfit.engine.spans import new_token, span_label, task_kind, task_name
 
 LABEL = "small_flow.hdf q=0.0055"  # the small_flow_file fixture: 1 q, 0.0055 1/Å
-KINDS = ["load", "lag-sums", "normal-equations", "costs", "write-outputs", "noise-lattice", "cmc-shard"]
+KINDS = ["load", "lag-sums", "normal-equations", "costs", "covariance", "write-outputs", "noise-lattice", "cmc-shard"]
 
 
 # -- task names, without a cluster ---------------------------------------------------
@@ -114,7 +114,7 @@ def check_fit_spans(span: dict, result, written: bool) -> None:
     children = {tag: (kinds(groups), groups, grandchildren) for tag, groups, grandchildren in span["children"]}
     n = result.iterations
     iterations = [f"iteration {i}" for i in range(1, n + 1)]
-    expected = ["load tiles", "start values", *iterations] + (["write outputs"] if written else [])
+    expected = ["load tiles", "start values", *iterations, "covariance"] + (["write outputs"] if written else [])
     assert [tag for tag, *_ in span["children"]] == expected
     assert children["load tiles"][0] == ["load"]
     assert children["start values"][0] == ["lag-sums", "normal-equations"]
@@ -122,6 +122,7 @@ def check_fit_spans(span: dict, result, written: bool) -> None:
     # found no better point would add one more iteration span, of cost passes only.)
     for it in iterations:
         assert children[it][0] == ["costs", "normal-equations"], it
+    assert children["covariance"][0] == ["covariance"]  # the correlated-noise inflation's one pass
     if written:
         assert children["write outputs"][0] == ["write-outputs"]
     groups = [name for _, names, _ in children.values() for name in names]
@@ -163,10 +164,11 @@ def test_task_stream_has_one_prefix_per_kind_of_pass(fitted):
         "xpcsfit-lag-sums": engine["n_parts"],
         "xpcsfit-normal-equations": engine["normal_passes"] * engine["n_parts"],
         "xpcsfit-costs": engine["cost_passes"] * engine["n_parts"],
+        "xpcsfit-covariance": engine["n_parts"],
         "xpcsfit-write-outputs": engine["n_parts"],
     }
     passes = sorted({int(name.rsplit("-pass-", 1)[1]) for name, _ in keys if "-pass-" in name})
-    assert passes == list(range(1, engine["normal_passes"] + engine["cost_passes"] + 3))
+    assert passes == list(range(1, engine["normal_passes"] + engine["cost_passes"] + 4))
     assert {part for _, part in keys} == set(range(engine["n_parts"]))
 
 

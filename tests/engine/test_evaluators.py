@@ -86,7 +86,7 @@ def test_costs_equal_dense_and_scipy_at_its_solution(evaluator_of, problem):
 def test_lag_sums_equal_diagonal_sums(evaluator_of, problem):
     ev = evaluator_of(problem)
     n_t = problem.n_t
-    sums, counts = ev.lag_sums(n_t)
+    sums, counts, squares = ev.lag_sums(n_t)
     c2 = problem.dataset["c2"].values.astype(float).reshape(-1, n_t, n_t)  # bins (q, phi) row-major
     for b in range(problem.layout.n_bins):
         for lag in range(n_t):
@@ -94,6 +94,7 @@ def test_lag_sums_equal_diagonal_sums(evaluator_of, problem):
             fitted = lag > 0  # the diagonal (lag 0) is not fitted
             assert counts[b, lag] == (diagonal.size if fitted else 0)
             assert sums[b, lag] == pytest.approx(diagonal.sum() if fitted else 0.0, rel=1e-12)
+            assert squares[b, lag] == pytest.approx((diagonal**2).sum() if fitted else 0.0, rel=1e-12)
     assert ev.other_passes == 1
 
 

@@ -83,7 +83,35 @@ def test_fit_writes_complete_result_directory(small_flow_file, client, tmp_path)
     np.testing.assert_allclose(doc["per_angle"]["residual_rms"], rms_written, rtol=1e-5)
     assert np.isnan(resid[0, 0, 5, 2])  # below the diagonal: not fitted
     assert len(list(out.glob("c2_q0_phi*.png"))) == 4 and (out / "transport.png").exists()
+    # Noise model and covariance method are recorded; white noise of sd 0.01: sigma finds
+    # it, the fit's reduced chi2 is ≈ 1 and no inflation is needed.
+    noise = doc["noise"]
+    np.testing.assert_allclose(noise["sigma"], 0.01, rtol=0.1)
+    assert 0.9 < doc["reduced_chi2"] < 1.1 and "Ribatet" in noise["covariance_method"]
+    assert 0.8 < noise["kappa"][0] < 1.6 and not any("misfit" in w for w in doc["warnings"])
+    # g2(τ) cuts at a few ages, data and fit, and the residual by lag, beside the maps.
+    assert (out / "g2_cuts.png").exists()
+    cut, cut_fit = fitted["g2_cut_data"].values, fitted["g2_cut_fit"].values
+    assert cut.shape == (1, 4, fitted.sizes["age"], fitted.sizes["lag"]) and fitted.sizes["lag"] == 159
+    age0 = 0  # the first age is dataset row 0: its cut is that row of the map from lag 1 on
+    np.testing.assert_allclose(cut[0, 1, age0, 1:], fitted["c2_fit"].values[0, 1, 1, 2:] +
+                               fitted["residual"].values[0, 1, 1, 2:], atol=1e-6)
+    np.testing.assert_allclose(cut_fit[0, 1, age0, 1:], fitted["c2_fit"].values[0, 1, 1, 2:], atol=1e-6)
+    assert np.nanmax(np.abs(fitted["residual_by_lag"].values[..., :100])) < 0.01  # ≥ 59 points per lag
     assert not list(tmp_path.glob(".result.partial-*"))
+
+
+def test_misfit_is_flagged(small_flow_file, client):
+    # A static model cannot describe sheared data: its residuals exceed the noise level
+    # the data show along their diagonals, and the fit says so.
+    r = fit_quiet(small_flow_file, client=client, mode="static")
+    assert r.reduced_chi2 > 1.5 and any(w.startswith("model misfit") for w in r.warnings), r.warnings
+    right = fit_quiet(small_flow_file, client=client, mode="laminar_flow", gap=2.0e6)
+    assert 0.9 < right.reduced_chi2 < 1.1 and not any("misfit" in w for w in right.warnings)
+    naive = fit_quiet(small_flow_file, client=client, mode="laminar_flow", gap=2.0e6,
+                      config={"covariance": "naive"})
+    assert naive.noise["covariance_method"].startswith("naive") and "kappa" not in naive.noise
+    np.testing.assert_allclose(naive.x, right.x, rtol=1e-12)
 
 
 def test_failed_fit_leaves_earlier_result_untouched(small_flow_file, client, tmp_path):

@@ -26,6 +26,7 @@ correction of the width, not a model of the correlation.
 from __future__ import annotations
 
 import numpy as np
+from scipy.fft import next_fast_len
 
 from xpcsfit.engine.kernel import tile_model
 from xpcsfit.parameters import ParameterLayout
@@ -49,7 +50,7 @@ def tile_noise_sums(tile, x, layout: ParameterLayout, mode: str, L: float, max_l
     r = (tile.c2.astype(float) - model) * w[None]
     size = w.shape[0]
     W = int(max_lag)
-    P = size + W + 1
+    P = next_fast_len(size + W + 1)  # any P ≥ size + W + 1 keeps the lags unaliased; 193 (prime) ran 10× slower
     fr = np.fft.rfft2(r, s=(P, P))
     acf = np.fft.irfft2(fr * np.conj(fr), s=(P, P))
     fw = np.fft.rfft2(w, s=(P, P))

@@ -85,6 +85,10 @@ class TileEvaluator:
         (:meth:`map_tiles`: start values, fitted output).
     last_block_sums : (x, BlockSums) or None
         The sums of the latest normal-equations pass and the x they are at.
+    bin_weight : ndarray (n_bins,) or None
+        Weight w_k = 1/σ_k² of each bin's points in the normal-equation and cost passes
+        (weighted least squares; see :mod:`xpcsfit.leastsq.noise`); None: all 1. Set it
+        before the solver's first pass.
     """
 
     def __init__(self, places: list[TilePlace], layout: ParameterLayout, mode: str, L: float):
@@ -95,6 +99,7 @@ class TileEvaluator:
         self.cost_passes = 0
         self.other_passes = 0
         self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
+        self.bin_weight: np.ndarray | None = None
 
     def _map(self, kind: str, func, *args) -> list:
         raise NotImplementedError
@@ -139,8 +144,9 @@ class TileEvaluator:
         self.other_passes += 1
         return self._map(kind, func, *args)
 
-    def lag_sums(self, n_lags: int) -> tuple[np.ndarray, np.ndarray]:
-        """Σ c2 and point counts per bin and lag, (n_bins, n_lags) each (start values)."""
+    def lag_sums(self, n_lags: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Σ c2, point counts and Σ c2² per bin and lag, (n_bins, n_lags) each (start
+        values and the noise level)."""
         per_tile = self.map_tiles("lag-sums", tile_lag_sums)
         return add_lag_sums(per_tile, self.bin_starts, self.layout.n_bins, self.layout.n_phi, n_lags)
 
@@ -179,7 +185,7 @@ class InProcessEvaluator(TileEvaluator):
 
     def _map_reduce(self, kind, func, x):
         started = time.perf_counter()
-        result = tree_sum(self._map(kind, func, x, self.layout, self.mode, self.L))
+        result = tree_sum(self._map(kind, func, x, self.layout, self.mode, self.L, self.bin_weight))
         self.pass_seconds.append(time.perf_counter() - started)
         if self._compiled_when_warm is None and self.normal_passes and self.cost_passes:
             self._compiled_when_warm = compiled_variants()  # every kernel has run once
@@ -375,7 +381,8 @@ class DaskEvaluator(TileEvaluator):
         started = time.perf_counter()
         name = task_name(kind, self._token, self.passes)
         self.bytes_to_workers += x.nbytes * len(self.parts)  # x (P or 4 × P numbers) goes in each task
-        futures = [self._submit(part_sum, func, part, x, self.layout, self.mode, self.L, key=(name, i))
+        futures = [self._submit(part_sum, func, part, x, self.layout, self.mode, self.L, self.bin_weight,
+                                key=(name, i))
                    for i, part in enumerate(self.parts)]
         with self._workers_dying(f"computing {kind.replace('-', ' ')}", futures):
             sums = self.client.gather(futures)

@@ -10,8 +10,10 @@ and offset_k, so the Jacobian of a tile has block-arrow structure. Instead of a 
     g_θ (p,), g_k (2,) Jᵀr
     cost = ½ Σ r²,     n = number of points
 
-with r = offset_k + contrast_k·G − c2, J_θ = contrast_k ∂G/∂θ and G = g1². The work per
-point grows with p² (physics only), not with (p + 2·n_bins)².
+with r = s_k·(offset_k + contrast_k·G − c2), J_θ = s_k·contrast_k ∂G/∂θ and G = g1²,
+s_k = √w_k the square root of bin k's weight (w_k = 1/σ_k², the noise model of
+:mod:`xpcsfit.leastsq.noise`; 1 when no weights are given), so every sum is the
+weighted one. The work per point grows with p² (physics only), not with (p + 2·n_bins)².
 
 Each column of ∂G/∂θ is a per-angle factor times a phi-independent time map
 (:func:`~xpcsfit.model.g1_squared_factored`), so A is formed by first summing products
@@ -151,9 +153,9 @@ def _sum_over_row_blocks(block_fn, t1, c2, weight):
 
 
 @partial(jax.jit, static_argnames=("mode",))
-def _tile_block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
+def _tile_block_sums(theta, contrast, offset, scale, q, L, phi, t1, t2, c2, weight, mode):
     def block(t1_, c2_, w_):
-        return _block_sums(theta, contrast, offset, q, L, phi, t1_, t2, c2_, w_, mode)
+        return _block_sums(theta, contrast, offset, scale, q, L, phi, t1_, t2, c2_, w_, mode)
 
     return _sum_over_row_blocks(block, t1, c2, weight)
 
@@ -163,7 +165,7 @@ def _contract(a, b):
     return jnp.matmul(a, b.T)
 
 
-def _block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
+def _block_sums(theta, contrast, offset, scale, q, L, phi, t1, t2, c2, weight, mode):
     c2 = c2.astype(jnp.float64)
     n_phi = c2.shape[0]
     # The barrier keeps XLA from fusing the model (sin, exp, log) into each of the
@@ -172,14 +174,16 @@ def _block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
     flat = (n_phi, -1)
     G = jnp.broadcast_to(G, c2.shape).reshape(flat)
     w = weight.reshape(-1)  # 0 or 1, so w² = w
-    c = contrast[:, None]
-    r = (offset[:, None] + c * G - c2.reshape(flat)) * w
+    s = scale[:, None]  # √(bin weight): r and every Jacobian row of bin k carry s_k
+    c = contrast[:, None] * s
+    r = (offset[:, None] + contrast[:, None] * G - c2.reshape(flat)) * w * s
     # Bin k's Jacobian row for parameter i of group g is F_g[k] · maps_g[i], with
     # F_g = contrast · factor_g. Reduce over the angles first, then contract with the
     # phi-independent time maps: the (n_phi, p, n) Jacobian is never formed.
     F = [jnp.broadcast_to(c * f.reshape(f.shape[0], -1), G.shape) for f, _ in groups]
     maps = [m.reshape(m.shape[0], -1) for _, m in groups]
-    wG = w * G
+    wG = w * G * s
+    ws = w * s
     A_blocks = []  # A_blocks[g][h]: (m_g, m_h) block of A, from Σ_k F_g F_h over the angles
     for g in range(len(groups)):
         A_blocks.append([])
@@ -192,25 +196,26 @@ def _block_sums(theta, contrast, offset, q, L, phi, t1, t2, c2, weight, mode):
     A = jnp.block(A_blocks)
     B = jnp.stack([
         jnp.concatenate([_contract(f * wG, m) for f, m in zip(F, maps)], axis=1),
-        jnp.concatenate([_contract(f * w, m) for f, m in zip(F, maps)], axis=1),
+        jnp.concatenate([_contract(f * ws, m) for f, m in zip(F, maps)], axis=1),
     ], axis=-1)  # (n_phi, p, 2)
     g_theta = jnp.concatenate([_contract(jnp.sum(f * r, axis=0)[None], m)[0] for f, m in zip(F, maps)])
-    sum_wG = jnp.sum(wG, axis=1)
-    sum_wGG = jnp.sum(wG * G, axis=1)
-    sum_w = jnp.broadcast_to(jnp.sum(w), (n_phi,))
+    s2 = scale * scale
+    sum_wG = jnp.sum(wG, axis=1) * scale
+    sum_wGG = jnp.sum(wG * G, axis=1) * scale
+    sum_w = jnp.sum(w) * s2
     C = jnp.stack([jnp.stack([sum_wGG, sum_wG], -1), jnp.stack([sum_wG, sum_w], -1)], -2)
-    g_bin = jnp.stack([jnp.sum(G * r, axis=1), jnp.sum(r, axis=1)], axis=-1)
+    g_bin = jnp.stack([jnp.sum(G * r, axis=1), jnp.sum(r, axis=1)], axis=-1) * scale[:, None]
     rss = jnp.sum(r * r, axis=1)
     return A, B, C, g_theta, g_bin, rss
 
 
 @partial(jax.jit, static_argnames=("mode",))
-def _tile_costs(thetas, contrasts, offsets, q, L, phi, t1, t2, c2, weight, mode):
+def _tile_costs(thetas, contrasts, offsets, scale, q, L, phi, t1, t2, c2, weight, mode):
     def block(t1_, c2_, w_):
         c2_ = c2_.astype(jnp.float64)
 
         def one(theta, contrast, offset):
-            r = (c2_model(theta, contrast, offset, mode, q, L, phi, t1_, t2) - c2_) * w_
+            r = (c2_model(theta, contrast, offset, mode, q, L, phi, t1_, t2) - c2_) * w_ * scale[:, None, None]
             return 0.5 * jnp.sum(r * r)
 
         return jax.vmap(one)(thetas, contrasts, offsets)
@@ -228,7 +233,15 @@ def _bins(tile: Tile) -> slice:
     return slice(tile.bin_start, tile.bin_start + tile.c2.shape[0])
 
 
-def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> BlockSums:
+def _scale(tile: Tile, bin_weight) -> np.ndarray:
+    """√(weight) of the tile's bins, (n_phi,): ones when ``bin_weight`` is None."""
+    if bin_weight is None:
+        return np.ones(tile.c2.shape[0])
+    return np.sqrt(np.asarray(bin_weight, float)[_bins(tile)])
+
+
+def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: str, L: float,
+                    bin_weight=None) -> BlockSums:
     """Block-arrow normal equations of one tile at x, with global bin arrays.
 
     Parameters
@@ -240,16 +253,20 @@ def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: st
     mode : {"static", "laminar_flow"}
     L : float
         Gap, Å.
+    bin_weight : ndarray (n_bins,), optional
+        w_k = 1/σ_k² per bin (weighted least squares); None: 1 for every bin.
 
     Returns
     -------
-    BlockSums with B, C, g_bin of shape (n_bins, …), zero outside this tile's bins.
+    BlockSums with B, C, g_bin of shape (n_bins, …), zero outside this tile's bins; every
+    sum weighted (``rss`` is Σ w_k r², ``C[:, 1, 1]`` is w_k·points).
     """
     enable_float64()
     theta, contrast, offset = layout.split(np.asarray(x, float))
     sl = _bins(tile)
     A, B, C, g_theta, g_bin, rss = _run(
-        _tile_block_sums, theta, contrast[sl], offset[sl], tile.q, L, tile.phi, tile.t1, tile.t2,
+        _tile_block_sums, theta, contrast[sl], offset[sl], _scale(tile, bin_weight), tile.q, L, tile.phi,
+        tile.t1, tile.t2,
         tile.c2, tile.weight, mode=mode,
     )
     nb, p = layout.n_bins, layout.p
@@ -265,8 +282,10 @@ def tile_block_sums(tile: Tile, x: np.ndarray, layout: ParameterLayout, mode: st
                      tile.n_points)
 
 
-def tile_costs(tile: Tile, xs: np.ndarray, layout: ParameterLayout, mode: str, L: float) -> np.ndarray:
-    """½ Σ r² of one tile for each row of xs (m, P); returns (m,)."""
+def tile_costs(tile: Tile, xs: np.ndarray, layout: ParameterLayout, mode: str, L: float,
+               bin_weight=None) -> np.ndarray:
+    """½ Σ w_k r² of one tile for each row of xs (m, P); returns (m,). ``bin_weight`` as
+    for :func:`tile_block_sums`."""
     enable_float64()
     xs = np.atleast_2d(np.asarray(xs, float))
     m = xs.shape[0]
@@ -274,11 +293,12 @@ def tile_costs(tile: Tile, xs: np.ndarray, layout: ParameterLayout, mode: str, L
     padded = np.concatenate([xs, np.repeat(xs[-1:], n_batches * COST_BATCH - m, axis=0)])
     theta, contrast, offset = layout.split(padded)
     sl = _bins(tile)
+    scale = _scale(tile, bin_weight)
     out = []
     for b in range(n_batches):
         rows = slice(b * COST_BATCH, (b + 1) * COST_BATCH)
         out.append(np.asarray(_run(
-            _tile_costs, theta[rows], contrast[rows, sl], offset[rows, sl], tile.q, L, tile.phi,
+            _tile_costs, theta[rows], contrast[rows, sl], offset[rows, sl], scale, tile.q, L, tile.phi,
             tile.t1, tile.t2, tile.c2, tile.weight, mode=mode,
         )))
     return np.concatenate(out)[:m]
@@ -300,14 +320,16 @@ def compiled_variants() -> int:
     return len(_SIGNATURES)
 
 
-def tile_lag_sums(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
-    """Sums of c2 and point counts per lag (frame difference) over the fitted points.
+def tile_lag_sums(tile: Tile, values=None) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+    """Sums of c2, of c2² and point counts per lag (frame difference) over the fitted points.
+
+    ``values`` (n_phi, size, size), if given, is summed instead of c2 (e.g. residuals).
 
     Returns
     -------
     lag0 : int
         Lag (in frames) of the first entry.
-    sums : ndarray (n_phi, n_lags)
+    sums, squares : ndarray (n_phi, n_lags)
     counts : ndarray (n_lags,)
     """
     size = tile.weight.shape[0]
@@ -320,29 +342,33 @@ def tile_lag_sums(tile: Tile) -> tuple[int, np.ndarray, np.ndarray]:
     idx = (lag - lag0)[mask]
     n_lags = int(idx.max()) + 1 if mask.any() else 0
     counts = np.bincount(idx, minlength=n_lags).astype(float)
-    sums = np.stack([np.bincount(idx, weights=c[mask].astype(float), minlength=n_lags)
-                     for c in tile.c2])
-    return lag0, sums, counts
+    values = [c[mask].astype(float) for c in (tile.c2 if values is None else values)]
+    sums = np.stack([np.bincount(idx, weights=v, minlength=n_lags) for v in values])
+    squares = np.stack([np.bincount(idx, weights=v * v, minlength=n_lags) for v in values])
+    return lag0, sums, counts, squares
 
 
-def add_lag_sums(tile_sums, bin_starts, n_bins: int, n_phi: int, n_lags: int) -> tuple[np.ndarray, np.ndarray]:
+def add_lag_sums(tile_sums, bin_starts, n_bins: int, n_phi: int,
+                 n_lags: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Add per-tile lag sums (:func:`tile_lag_sums`, one per tile) into per-bin arrays.
 
     Parameters
     ----------
-    tile_sums : list of (lag0, sums (n_phi, n), counts (n,))
+    tile_sums : list of (lag0, sums (n_phi, n), counts (n,), squares (n_phi, n))
     bin_starts : list of int
         Each tile's first bin, in the same order.
     n_bins, n_phi, n_lags : int
 
     Returns
     -------
-    sums, counts : ndarray (n_bins, n_lags)
+    sums, counts, squares : ndarray (n_bins, n_lags)
     """
     sums = np.zeros((n_bins, n_lags))
     counts = np.zeros((n_bins, n_lags))
-    for (lag0, s, c), b0 in zip(tile_sums, bin_starts):
+    squares = np.zeros((n_bins, n_lags))
+    for (lag0, s, c, s2), b0 in zip(tile_sums, bin_starts):
         n = c.size
         sums[b0 : b0 + n_phi, lag0 : lag0 + n] += s
         counts[b0 : b0 + n_phi, lag0 : lag0 + n] += c
-    return sums, counts
+        squares[b0 : b0 + n_phi, lag0 : lag0 + n] += s2
+    return sums, counts, squares

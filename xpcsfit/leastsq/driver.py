@@ -34,7 +34,14 @@ from xpcsfit.leastsq.determined import (
     window_times,
 )
 from xpcsfit.leastsq.initial import initial_estimates
-from xpcsfit.leastsq.output import create_fitted_store, write_fitted_tile
+from xpcsfit.leastsq.output import (
+    create_fitted_store,
+    cut_rows,
+    gather_g2_cuts,
+    tile_g2_cuts,
+    write_fitted_tile,
+    write_g2_cuts,
+)
 from xpcsfit.leastsq.results import (
     FitResult,
     correlation_warnings,
@@ -44,6 +51,17 @@ from xpcsfit.leastsq.results import (
     transport_bands,
 )
 from xpcsfit.leastsq.starts import best_start, draw_starts, run_starts, starts_record
+from xpcsfit.leastsq.uncertainty import (
+    INFLATED_METHOD,
+    MAX_LAG,
+    MISFIT_LIMIT,
+    NAIVE_METHOD,
+    NOISE_ESTIMATOR,
+    inflated_covariance,
+    inflation,
+    noise_levels,
+    tile_inflation_sums,
+)
 from xpcsfit.model import enable_float64
 from xpcsfit.parameters import (
     DEFAULT_INITIAL,
@@ -304,8 +322,13 @@ def _run(evaluator: TileEvaluator, where: str, cfg, plan: _Plan, progress, targe
 
 
 def _starting_point(evaluator: TileEvaluator, ds, cfg, layout, L):
-    """x0 and bounds (P,): config values first, then data-driven estimates, then defaults."""
-    lag_sums, lag_counts = evaluator.lag_sums(ds.sizes["t1"])
+    """x0 and bounds (P,): config values first, then data-driven estimates, then defaults.
+
+    The same pass gives the noise level per bin, whose 1/σ² the evaluator then weights
+    the points with (:mod:`xpcsfit.leastsq.uncertainty`).
+    """
+    lag_sums, lag_counts, lag_squares = evaluator.lag_sums(ds.sizes["t1"])
+    evaluator.bin_weight = noise_levels(lag_sums, lag_counts, lag_squares) ** -2.0
     q_of_bin = np.repeat(ds["q"].values, layout.n_phi)
     phi_of_bin = np.tile(ds["phi"].values, layout.n_q)
     est = initial_estimates(lag_sums, lag_counts, q_of_bin, phi_of_bin, float(ds.attrs["dt"]),
@@ -396,7 +419,8 @@ def _multi_start(solver, evaluator, ds, cfg, layout, L, x0, lower, upper, client
     xs = draw_starts(x0, lower, upper, layout.p, cfg.starts, cfg.starts_seed, times, evaluator.costs, layout.n_bins)
     say(progress, f"xpcsfit: fitting from {cfg.starts} starts (Latin hypercube, seed {cfg.starts_seed}) "
                   f"as parallel tasks")
-    outcomes = run_starts(client, specs, layout, cfg.mode, L, cfg.solver.model_dump(), times, xs, lower, upper)
+    outcomes = run_starts(client, specs, layout, cfg.mode, L, cfg.solver.model_dump(), times, xs, lower, upper,
+                          evaluator.bin_weight)
     best = best_start(outcomes)
     return solver.restore(evaluator, outcomes[best]["state"]), (outcomes, best, xs)
 
@@ -440,11 +464,11 @@ def _result(state: SolverState, termination: str, evaluator: TileEvaluator, ds, 
                           f"(dt = {ds.attrs['dt']:g} s); check the bounds")
     P = layout.size
     dof = ne.n - P
-    chi2 = 2.0 * ne.cost
+    chi2 = 2.0 * ne.cost  # Σ w r², w = 1/σ² per bin
     try:
-        cov, warn = covariance_from_normal_equations(ne.jtj, chi2, dof)
+        cov, warn, noise = _covariance(state, evaluator, ds, cfg, layout, chi2, dof)
     except np.linalg.LinAlgError as exc:  # e.g. "Eigenvalues did not converge"
-        cov = np.full((P, P), np.nan)
+        cov, noise = np.full((P, P), np.nan), {}
         warn = [f"the covariance could not be computed ({exc}): standard errors and bands are NaN"]
     warn += correlation_warnings(list(layout.physics), cov)
     if not state.converged:
@@ -465,12 +489,44 @@ def _result(state: SolverState, termination: str, evaluator: TileEvaluator, ds, 
         contrast=contrast.reshape(shape), offset=offset.reshape(shape),
         contrast_stderr=c_se.reshape(shape), offset_stderr=o_se.reshape(shape),
         residual_rms=sums.residual_rms().reshape(shape), covariance=cov, covariance_names=layout.names(),
+        noise=noise,
         chi2=chi2, reduced_chi2=chi2 / dof, dof=int(dof), n_points=int(ne.n),
         converged=bool(state.converged), termination=termination,
         iterations=state.iteration, data_passes=evaluator.normal_passes + evaluator.cost_passes,
         wall_time_s=float("nan"), transport=transport_bands(cfg.mode, theta, cov, np.linspace(t[0], t[-1], 200)),
         warnings=warn, x=state.x.copy(),
     )
+
+
+def _covariance(state, evaluator: TileEvaluator, ds, cfg, layout, chi2: float, dof: int):
+    """Covariance of the final x (the config's ``covariance``), its warnings, and the
+    ``noise`` record of fit.json (:mod:`xpcsfit.leastsq.uncertainty`). The inflated
+    covariance costs one pass over the tiles (residual autocorrelation and per-q normal
+    equations at x)."""
+    naive, warn = covariance_from_normal_equations(state.ne.jtj, chi2, dof)
+    weight = evaluator.bin_weight if evaluator.bin_weight is not None else np.ones(layout.n_bins)
+    _, sums = evaluator.last_block_sums
+    n_bin = sums.C[:, 1, 1] / weight
+    ratio = sums.rss / np.maximum(n_bin, 1)  # Σ w r² / n per bin (rss is weighted)
+    noise = {"estimator": NOISE_ESTIMATOR, "sigma": (weight ** -0.5).reshape(layout.n_q, layout.n_phi),
+             "reduced_chi2_per_bin": ratio.reshape(layout.n_q, layout.n_phi), "covariance_method": NAIVE_METHOD}
+    if chi2 / dof > MISFIT_LIMIT:
+        worst = int(np.argmax(ratio))
+        warn.append(f"model misfit: reduced chi2 = {chi2 / dof:.3g} > {MISFIT_LIMIT} (the residuals exceed the "
+                    f"noise level of the data; worst bin q index {worst // layout.n_phi}, phi index "
+                    f"{worst % layout.n_phi}: {ratio[worst]:.3g}); the uncertainties assume the model is right")
+    if cfg.covariance == "naive":
+        return naive, warn, noise
+    with evaluator.phase("covariance"):
+        per_tile = evaluator.map_tiles("covariance", tile_inflation_sums, state.x, layout, cfg.mode,
+                                       evaluator.L, evaluator.bin_weight, MAX_LAG)
+    kappa, by_q, record = inflation(per_tile, layout.n_q, layout.n_bins, MAX_LAG)
+    by_q = [b.normal_equations().jtj for b in by_q] if layout.n_q > 1 else []
+    cov = inflated_covariance(state.ne.jtj, by_q, kappa, chi2 / dof)
+    noise |= {"covariance_method": INFLATED_METHOD, "kappa": kappa.tolist(),
+              "correlation_length_frames": record["correlation_length"].tolist(),
+              "lag_window_frames": record["window"].tolist()}
+    return cov, warn, noise
 
 
 def check_determinable(source, ds, n_points: int, layout: ParameterLayout) -> None:
@@ -519,7 +575,12 @@ def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
     across), so neither the input nor fitted.zarr is read again, and the driver holds
     about 2 × n_q × n_phi × MAX_PIXELS² float32 whatever the number of frames.
     """
-    from xpcsfit.leastsq.plots import heatmap_png, stride_for, transport_png
+    from xpcsfit.leastsq.plots import (
+        g2_cuts_png,
+        heatmap_png,
+        stride_for,
+        transport_png,
+    )
 
     t = ds["t1"].values
     first = int(ds.attrs["frames"][0])
@@ -530,12 +591,18 @@ def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
     store = tmp / "fitted.zarr"
     create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
     with evaluator.phase("write outputs"):
+        rows = cut_rows(t.size)
         samples = evaluator.map_tiles("write-outputs", _write_tile, result.x, layout, cfg.mode, L, str(store),
-                                      lead, s)
+                                      lead, s, rows)
+    cuts = gather_g2_cuts([c for *_, c in samples], evaluator.bin_starts, layout.n_q, layout.n_phi, rows.size,
+                          t.size)
+    lags = np.arange(t.size) * float(ds.attrs["dt"])
+    write_g2_cuts(store, t[rows], lags, *cuts)
+    g2_cuts_png(tmp / "g2_cuts.png", lags, t[rows], *cuts, result.q)
     data = np.full((layout.n_q, layout.n_phi, m, m), np.nan, np.float32)
     model = np.full_like(data, np.nan)
     while samples:  # pop: each sample is freed once copied into the grids
-        iq, g1, g2, d, f = samples.pop()
+        iq, g1, g2, d, f, _ = samples.pop()
         n1, n2 = d.shape[1:]
         data[iq, :, g1 : g1 + n1, g2 : g2 + n2] = d
         model[iq, :, g1 : g1 + n1, g2 : g2 + n2] = f
@@ -549,16 +616,18 @@ def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
     (tmp / "fit.json").write_text(json.dumps(record, indent=1, allow_nan=True))
 
 
-def _write_tile(tile, x, layout, mode, L, path, lead, stride):
-    """Worker task: write one tile's fitted.zarr chunks, return its heatmap-grid points.
+def _write_tile(tile, x, layout, mode, L, path, lead, stride, cut_rows):
+    """Worker task: write one tile's fitted.zarr chunks, return its heatmap-grid points
+    and its part of the g2(τ) cuts at the dataset rows ``cut_rows``.
 
     The heatmap grid is dataset frames 0, stride, 2·stride, … along t1 and t2.
 
     Returns
     -------
-    (q position, first grid row, first grid column, data, model)
+    (q position, first grid row, first grid column, data, model, cuts)
         ``data`` and ``model`` (n_phi, rows, columns) float32: the tile's c2 and fitted
-        c2 on the grid points it holds, NaN where not fitted (t2 <= t1).
+        c2 on the grid points it holds, NaN where not fitted (t2 <= t1); ``cuts`` from
+        :func:`xpcsfit.leastsq.output.tile_g2_cuts`.
     """
     fitted = write_fitted_tile(tile, x, layout, mode, L, path, lead)
     (r0, c0), (n1, n2) = tile.start, tile.extent
@@ -567,4 +636,5 @@ def _write_tile(tile, x, layout, mode, L, path, lead, stride):
     w = tile.weight[rows, cols] > 0
     data = np.where(w, tile.c2[:, rows, cols], np.nan).astype(np.float32)
     model = np.where(w, fitted[:, rows, cols], np.nan).astype(np.float32)
-    return tile.index[0], (r0 + i0) // stride, (c0 + j0) // stride, data, model
+    return (tile.index[0], (r0 + i0) // stride, (c0 + j0) // stride, data, model,
+            tile_g2_cuts(tile, fitted, cut_rows))

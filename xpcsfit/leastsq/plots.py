@@ -1,4 +1,5 @@
-"""PNG figures of a fit: data | fit | residual per bin, and J(t) / gamma_dot(t) bands."""
+"""PNG figures of a fit: data | fit | residual per bin, J(t) / gamma_dot(t) bands, and
+g2(τ) cuts at a few sample ages with the residual by lag."""
 
 from __future__ import annotations
 
@@ -122,4 +123,45 @@ def transport_png(path: Path, transport: dict, mode: str, truth: dict | None = N
         ax.set_ylabel(label)
         ax.legend()
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def g2_cuts_png(path: Path, lags: np.ndarray, ages: np.ndarray, data: np.ndarray, fit: np.ndarray,
+                residual_by_lag: np.ndarray, q: np.ndarray) -> None:
+    """One figure, a row per q: left, g2(τ) cut at each sample age (data as dots, fit as
+    lines; averaged over the phi bins); right, the mean residual by lag of every phi bin.
+
+    Parameters
+    ----------
+    lags : ndarray (n_lags,), s;  ages : ndarray (n_cuts,), s
+    data, fit : ndarray (n_q, n_phi, n_cuts, n_lags)
+        c2(t_age, t_age + τ), NaN where there is no point.
+    residual_by_lag : ndarray (n_q, n_phi, n_lags)
+    q : ndarray (n_q,), 1/Å
+    """
+    n_q = data.shape[0]
+    fig, axes = plt.subplots(n_q, 2, figsize=(11, 3.2 * n_q), squeeze=False)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.1 / n_q, top=1 - 0.08 / n_q, wspace=0.25, hspace=0.4)
+    show = lags > 0
+    with np.errstate(invalid="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", RuntimeWarning)  # all-NaN columns
+        for iq in range(n_q):
+            left, right = axes[iq]
+            for k, age in enumerate(ages):
+                d = np.nanmean(data[iq, :, k], axis=0)
+                f = np.nanmean(fit[iq, :, k], axis=0)
+                left.plot(lags[show], d[show], ".", color=f"C{k}", ms=2, alpha=0.6)
+                left.plot(lags[show], f[show], "-", color=f"C{k}", label=f"age {age:.3g} s")
+            left.set_xscale("log")
+            left.set_xlabel("τ (s)")
+            left.set_ylabel("g2(τ), mean over phi")
+            left.set_title(f"q = {q[iq]:.5g} 1/Å")
+            left.legend(fontsize=7)
+            for ip in range(residual_by_lag.shape[1]):
+                right.plot(lags[show], residual_by_lag[iq, ip, show], lw=0.8)
+            right.axhline(0.0, color="k", lw=0.5)
+            right.set_xscale("log")
+            right.set_xlabel("τ (s)")
+            right.set_ylabel("mean residual by lag (per phi bin)")
+    fig.savefig(path, dpi=80)
     plt.close(fig)

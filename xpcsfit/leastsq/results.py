@@ -1,8 +1,10 @@
 """The result of a fit: parameters, uncertainties, derived J(t) and gamma_dot(t).
 
-Covariance (DESIGN.md §5): C = (JᵀJ)⁻¹ · χ²/(n − P) at the optimum, with χ² = Σ r²
-(the noise level is unknown, so it is estimated from the residuals). Bands of derived
-quantities use the delta method: var f = ∇fᵀ C ∇f.
+Covariance: by default the inflated covariance of :mod:`xpcsfit.leastsq.uncertainty`,
+which accounts for the correlated noise of two-time maps; with ``covariance: naive``,
+C = (JᵀWJ)⁻¹ · χ²/(n − P) at the optimum, χ² = Σ w r² (right only for independent
+points). ``noise`` records the noise level per bin, the weights w = 1/σ² and the method.
+Bands of derived quantities use the delta method: var f = ∇fᵀ C ∇f.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ class FitResult:
         ``t`` (s) over the fitted window and J(t) (Å²/s), gamma_dot(t) (1/s) with their
         1-sigma standard errors.
     warnings : list of str
+    noise : dict
+        ``estimator`` and ``sigma`` (n_q, n_phi) of the noise level per bin (the fit's
+        weights are 1/sigma²), ``reduced_chi2_per_bin`` (n_q, n_phi) and
+        ``covariance_method``, with the inflation ``kappa`` per q, the residual
+        correlation length and the lag window (frames) it was summed over.
     input, provenance : dict
     x, start, lower, upper : ndarray (P,)
         Final and starting solver vectors and the bounds, over all parameters
@@ -100,6 +107,7 @@ class FitResult:
     wall_time_s: float
     transport: dict
     warnings: list[str] = field(default_factory=list)
+    noise: dict = field(default_factory=dict)
     input: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     x: np.ndarray | None = None
@@ -162,6 +170,7 @@ class FitResult:
             "wall_time_s": self.wall_time_s,
             "transport": {k: lst(v) for k, v in self.transport.items()},
             "warnings": self.warnings,
+            "noise": {k: lst(v) if isinstance(v, np.ndarray) else v for k, v in self.noise.items()},
             "engine": self.engine,
             "provenance": self.provenance,
         }
@@ -236,6 +245,8 @@ class FitResult:
             wall_time_s=float(d["wall_time_s"]),
             transport={k: np.asarray(v, float) for k, v in d["transport"].items()},
             warnings=list(d.get("warnings", [])), input=dict(d.get("input") or {}),
+            noise={k: np.asarray(v, float).reshape(shape) if k in ("sigma", "reduced_chi2_per_bin") else v
+                   for k, v in (d.get("noise") or {}).items()},
             provenance=dict(d.get("provenance") or {}),
             x=np.concatenate([values, contrast.ravel(), offset.ravel()]),
             engine=dict(d.get("engine") or {}), resumed_from=d.get("resumed_from"),

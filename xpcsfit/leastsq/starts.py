@@ -44,10 +44,11 @@ LOG_SPAN = 100.0  # bounds ratio above which a positive parameter is drawn on a 
 
 def delta_chi2(cost, best_cost: float, dof: int):
     """Cost differences as Δχ² in units of the noise: 2·(cost − best_cost)/σ² with the
-    noise variance estimated from the best fit, σ² = 2·best_cost/dof (the residuals are
-    unweighted, cost = ½ Σ r²). Δχ² < 1 cannot be told apart by the data. When the cost
-    is weighted by the per-bin noise, σ² = 1 and this becomes plain 2·Δcost: change it
-    here, the one place.
+    noise variance estimated from the best fit, σ² = 2·best_cost/dof. The cost is
+    weighted by the per-bin noise level (cost = ½ Σ w r², w = 1/σ_k²), so σ² is the best
+    fit's reduced chi² (≈ 1 for a model that describes the data) and this is 2·Δcost
+    scaled by it: a misfit model does not make distinct minima look significant.
+    Δχ² < 1 cannot be told apart by the data.
 
     Parameters
     ----------
@@ -127,13 +128,15 @@ def draw_starts(x0, lower, upper, p: int, n: int, seed: int, times, costs, n_bin
     return np.array(starts[:n])
 
 
-def solve_start(specs, layout, mode: str, L: float, options: dict, times, x0, lower, upper) -> dict:
+def solve_start(specs, layout, mode: str, L: float, options: dict, times, x0, lower, upper,
+                bin_weight=None) -> dict:
     """Worker task: one start's fit, in this process, over the selection's tiles.
 
     Loads the tiles of ``specs`` (:meth:`TileSpec.load`), runs
     :class:`~xpcsfit.solver.TrustRegionLM` with ``options`` and the fit's convergence
     test (:func:`~xpcsfit.leastsq.determined.determined_quantities` at ``times``) from
-    x0 (P,) inside [lower, upper].
+    x0 (P,) inside [lower, upper], with the fit's per-bin weights ``bin_weight``
+    (n_bins,) or None, so that every start minimises the same cost.
 
     Returns
     -------
@@ -149,6 +152,7 @@ def solve_start(specs, layout, mode: str, L: float, options: dict, times, x0, lo
     enable_float64()
     try:
         evaluator = InProcessEvaluator([s.load() for s in specs], layout, mode, L)
+        evaluator.bin_weight = bin_weight
         solver = TrustRegionLM(lower, upper, quantities=determined_quantities(layout, mode, times), **options)
         drift = DriftLog(layout.physics, lower, upper)
         state = solver.init(evaluator, x0)
@@ -162,13 +166,14 @@ def solve_start(specs, layout, mode: str, L: float, options: dict, times, x0, lo
             "drifted": drift.drifted(), "drift_iterations": drift.iterations, "error": None}
 
 
-def run_starts(client, specs, layout, mode: str, L: float, options: dict, times, starts, lower, upper) -> list[dict]:
+def run_starts(client, specs, layout, mode: str, L: float, options: dict, times, starts, lower, upper,
+               bin_weight=None) -> list[dict]:
     """Run :func:`solve_start` for every row of ``starts`` (n, P) as parallel tasks on
     ``client`` (None: one after another in this process, for ``fit(in_process=True)``);
     the outcomes in start order."""
     if client is None:
-        return [solve_start(specs, layout, mode, L, options, times, x, lower, upper) for x in starts]
-    futures = [client.submit(solve_start, specs, layout, mode, L, options, times, x, lower, upper,
+        return [solve_start(specs, layout, mode, L, options, times, x, lower, upper, bin_weight) for x in starts]
+    futures = [client.submit(solve_start, specs, layout, mode, L, options, times, x, lower, upper, bin_weight,
                              pure=False, key=f"xpcsfit-start-{i}-{np.random.default_rng().integers(2**62)}")
                for i, x in enumerate(starts)]
     return client.gather(futures)
