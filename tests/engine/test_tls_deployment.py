@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 
 import psutil
 import pytest
+from dask_processes import dask_processes
 from distributed import Client
 
 import xpcsfit
@@ -32,8 +33,6 @@ from xpcsfit.engine.cluster import local_cluster
 from xpcsfit.engine.launch import cluster_client
 from xpcsfit.engine.security import dask_tls_environment
 from xpcsfit.engine.specs import load_cluster_spec
-
-from dask_processes import dask_processes
 
 pytestmark = pytest.mark.slow
 

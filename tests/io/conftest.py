@@ -3,7 +3,6 @@
 import shutil
 
 import pytest
-
 from data_paths import FLOW
 
 
