@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from data_paths import SHARED_DATA
 
 import xpcsfit
+
+from data_paths import SHARED_DATA
 
 # The tests call the model (and simulate, and the kernels) directly: float64 for the
 # whole session, as xpcsfit's own entry points set it (xpcsfit.enable_float64).

@@ -5,13 +5,14 @@ import json
 
 import numpy as np
 import pytest
-from problems import PROBLEMS, STATIC_2Q
 from scipy.optimize import least_squares, lsq_linear
 
 from xpcsfit.boxqp import solve_box_qp
 from xpcsfit.config import SolverOptions
 from xpcsfit.engine.sums import NormalEquations
 from xpcsfit.solver import Termination, TrustRegionLM, TrustRegionOptions
+
+from problems import PROBLEMS, STATIC_2Q
 
 
 @pytest.mark.parametrize("seed", range(8))

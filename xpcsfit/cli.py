@@ -181,11 +181,7 @@ def _certs_parser(sub):
 
 
 def _run_certs(args) -> int:
-    from xpcsfit.engine.security import (
-        dask_tls_environment,
-        default_certificate_directory,
-        make_certificates,
-    )
+    from xpcsfit.engine.security import dask_tls_environment, default_certificate_directory, make_certificates
 
     directory = Path(args.dir) if args.dir else default_certificate_directory()
     paths = make_certificates(directory, hosts=tuple(args.host), days=args.days)

@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from batch_helpers import (
-    apsu_file,
-    corrupt_apsu,
-    hdf5_without_maps,
-    legacy_file,
-    not_hdf5,
-)
+from batch_helpers import apsu_file, corrupt_apsu, hdf5_without_maps, legacy_file, not_hdf5
 
 from xpcsfit.batch.discover import INVALID, NOT_A_RESULT, discover
 from xpcsfit.errors import InputError

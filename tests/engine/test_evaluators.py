@@ -8,10 +8,11 @@ import dataclasses
 
 import numpy as np
 import pytest
-from problems import PROBLEMS, L
 
 from xpcsfit.engine.evaluator import DaskEvaluator
 from xpcsfit.engine.parts import part_size, tree_sum
+
+from problems import PROBLEMS, L
 
 EVALUATORS = [
     "in-process",

@@ -21,7 +21,6 @@ import warnings
 import numpy as np
 import psutil
 import pytest
-from dask_processes import dask_processes, wait_for_workers, wait_until
 
 import xpcsfit
 from xpcsfit.engine.evaluator import DaskEvaluator
@@ -29,6 +28,8 @@ from xpcsfit.engine.spans import task_kind
 from xpcsfit.engine.tiles import plan_tiles
 from xpcsfit.parameters import MODES, ParameterLayout
 from xpcsfit.simulate import simulate
+
+from dask_processes import dask_processes, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.slow
 

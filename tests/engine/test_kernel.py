@@ -4,9 +4,10 @@ against the dense Jacobian through every evaluator)."""
 
 import numpy as np
 import pytest
-from problems import FLOW_2Q, STATIC_1Q, STATIC_2Q, L
 
 from xpcsfit.engine.kernel import compiled_variants, tile_block_sums, tile_costs
+
+from problems import FLOW_2Q, STATIC_1Q, STATIC_2Q, L
 
 TWO_Q = [STATIC_2Q, FLOW_2Q]
 

@@ -18,12 +18,7 @@ from cryptography import x509
 import xpcsfit.engine.cluster as cluster_module
 from xpcsfit.cli import main
 from xpcsfit.engine.cluster import PRELOAD, WORKER_ENV, worker_environment
-from xpcsfit.engine.launch import (
-    TLS_MOUNT,
-    jobqueue_options,
-    kubernetes_manifest,
-    make_cluster,
-)
+from xpcsfit.engine.launch import TLS_MOUNT, jobqueue_options, kubernetes_manifest, make_cluster
 from xpcsfit.engine.specs import NAMES, load_cluster_spec
 from xpcsfit.errors import ConfigError
 

@@ -24,7 +24,6 @@ from urllib.parse import urlparse
 
 import psutil
 import pytest
-from dask_processes import dask_processes
 from distributed import Client
 
 import xpcsfit
@@ -33,6 +32,8 @@ from xpcsfit.engine.cluster import local_cluster
 from xpcsfit.engine.launch import cluster_client
 from xpcsfit.engine.security import dask_tls_environment
 from xpcsfit.engine.specs import load_cluster_spec
+
+from dask_processes import dask_processes
 
 pytestmark = pytest.mark.slow
 

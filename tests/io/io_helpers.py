@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+
 from data_paths import FLOW, STATIC  # noqa: F401  (re-exported for the io tests)
 
 README_PHI = [11.4, 33.8, 56.3, 78.9, 101.3, 123.6, 146.1, 168.6]

@@ -9,11 +9,12 @@ import dask.array as da
 import h5py
 import numpy as np
 import pytest
-from io_helpers import FLOW, MAPS, README_PHI, h5_maps, random_maps, upper_mask
 
 from xpcsfit.errors import InputError
 from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.dataset import open_dataset
+
+from io_helpers import FLOW, MAPS, README_PHI, h5_maps, random_maps, upper_mask
 
 
 def test_flow_small_q_index_8():

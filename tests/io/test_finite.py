@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-from io_helpers import random_maps
 
 from xpcsfit.engine.tiles import plan_tiles
 from xpcsfit.errors import InputError
 from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.finite import require_finite
+
+from io_helpers import random_maps
 
 
 def _check(ds):

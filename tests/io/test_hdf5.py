@@ -7,11 +7,12 @@ import pickle
 import h5py
 import numpy as np
 import pytest
-from io_helpers import FLOW, MAPS
 
 from xpcsfit.errors import InputError
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.hdf5 import C2Reader, read_info
+
+from io_helpers import FLOW, MAPS
 
 
 def test_reader_pickles_and_skips_lower_blocks(tmp_path):

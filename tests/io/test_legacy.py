@@ -5,11 +5,12 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-from io_helpers import random_maps, upper_mask
 
 from xpcsfit.errors import InputError
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.legacy import write_legacy
+
+from io_helpers import random_maps, upper_mask
 
 
 def test_legacy_round_trip(tmp_path):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from io_helpers import FLOW, h5_maps, random_maps, upper_mask
 
 from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.dataset import open_dataset
+
+from io_helpers import FLOW, h5_maps, random_maps, upper_mask
 
 
 def test_q_value_selection():

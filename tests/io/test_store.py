@@ -7,13 +7,14 @@ import warnings
 import numpy as np
 import pytest
 import xarray as xr
-from io_helpers import FLOW, STATIC
 
 from xpcsfit.errors import ConfigError, InputError
 from xpcsfit.io import store as _store
 from xpcsfit.io.apsu import write_aps_u
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.store import ingest
+
+from io_helpers import FLOW, STATIC
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,13 @@ import time
 
 import numpy as np
 import pytest
-from problems import STATIC_2Q
 
 import xpcsfit
 from xpcsfit.io.atomic import atomic_write_text
 from xpcsfit.leastsq.checkpoint import Checkpoint, checkpoint_path, digest, fingerprint
 from xpcsfit.solver import Termination, TrustRegionLM
+
+from problems import STATIC_2Q
 
 # ---------------------------------------------------------------------------------
 # Solver level: in-process evaluator, sums deterministic, so equality is exact.

@@ -102,11 +102,6 @@ class Coordinates:
         return out
 
     @property
-    def block_columns(self) -> list[tuple[int, int, int]]:
-        """(u, s, y) columns of every power-law block in w."""
-        return [(3 * k, 3 * k + 1, 3 * k + 2) for k in range(len(self.blocks))]
-
-    @property
     def w_names(self) -> list[str]:
         out = ["u_D0", "dJ_dlnt_at_1s", "J_at_1s"]
         if self.mode == "laminar_flow":

@@ -254,7 +254,7 @@ def _summary(run: CMCRun, ok, params, transport, shards, combined, warn) -> dict
         "shards_failing_diagnostics": [s["name"] for s in shards if not s["passed"]],
         "likelihood": _likelihood_record(run, ok),
         "prior": _prior_record(plan.coords, plan.n_shards),
-        "sampling": _sampling_record(plan.coords, run),
+        "sampling": _sampling_record(run),
         "settings": {"shards": plan.n_shards, "warmup": run.sampler.warmup, "samples": run.sampler.samples,
                      "chains": run.sampler.chains, "thin": plan.thin, "tile": plan.tile,
                      "seed": run.sampler.seed, "combine": run.combine, "gap": float(plan.L),
@@ -305,26 +305,24 @@ def _prior_record(coords, K: int) -> dict:
     }
 
 
-def _sampling_record(coords, run: CMCRun) -> dict:
+def _sampling_record(run: CMCRun) -> dict:
     """summary.json's "sampling": how NUTS walked, and what posterior it targets."""
     from xpcsfit.cmc.shard import CHAIN_METHOD
 
-    groups = [list(b) for b in coords.blocks]
     return {
         "posterior": "the full model as asked (every physics parameter free, within its bounds); no "
                      "parameter is fixed or reduced, so the reported J(t) and gamma_dot(t) are its posterior",
-        "coordinates": "NUTS walks z: per power law (" + "; ".join(", ".join(g) for g in groups) + ") the "
-                       "amplitude position u, and the slope and value of the curve at 1 s non-centred on the "
-                       "scale the shard's data give them at each u (xpcsfit.cmc.reparam); the density of z "
-                       "carries the exact Jacobian, and draws are mapped back to the sampling coordinates "
-                       "(where the shards are combined) and the physics parameters",
-        "why": "when alpha ≈ 0 and beta ≈ 0 an amplitude and its offset are not separately determined; the "
-               "data fix the curve in the window but the amplitude only through its prior, and the width "
-               "the data leave the slope changes many-fold along it (a funnel NUTS cannot cross)",
+        "coordinates": "NUTS walks the sampling coordinates of xpcsfit.cmc.coordinates (per power law the "
+                       "amplitude position u, the slope and the value of the curve at 1 s; phi0), standardised by the "
+                       "Hessian of the shard target at the least-squares point",
+        "known_limit": "when alpha ≈ 0 and beta ≈ 0 an amplitude and its offset are not separately determined: "
+                       "u is set by its prior and the width the data leave the slope changes many-fold along u "
+                       "(a funnel); shards may then report divergences and low ESS (README, CMC, Known limit)",
         "least_squares_warnings": [w for w in run.initial.result.warnings if "determined" in w],
         "mass_matrix": "dense, started from the Hessian of the shard target at the least-squares point",
         "init": "over-dispersed around the least-squares point (about 1 posterior sd), one start per chain",
         "chain_method": CHAIN_METHOD,
+        "chain_method_why": "on a CPU worker vectorised chains cost more than the chains in turn (README, CMC)",
         "target_accept": run.sampler.target_accept,
     }
 

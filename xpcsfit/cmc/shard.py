@@ -17,14 +17,13 @@ import numpy as np
 
 from xpcsfit.cmc.coordinates import PRIOR_SD, Coordinates
 from xpcsfit.cmc.likelihood import ShardData, log_likelihood
-from xpcsfit.cmc.reparam import fit_shard_map
 from xpcsfit.model import enable_float64
 
-# Chains one after the other in the shard's task: on a CPU worker the vectorised chains
-# (numpyro chain_method="vectorized") cost more than the sum of the chains, as every
-# leapfrog step waits for the longest tree of all chains (measured: README, CMC).
+# Chains one after the other in the shard's task. On a CPU worker numpyro's
+# chain_method="vectorized" costs more than the chains in turn: one vmapped gradient of
+# 4 chains on flow_small's shard took 22.6 ms against 4 × 3.7 ms, and every leapfrog
+# step of the vectorised chains waits for the longest tree of all of them.
 CHAIN_METHOD = "sequential"
-_PROGRESS = False
 
 
 @dataclass(frozen=True)
@@ -164,26 +163,28 @@ def log_target(w, spec: ShardSpec, data: ShardData):
         theta, data, spec.var, spec.coords.mode, spec.L)
 
 
-def _standardisation(log_density, start, fallback):
-    """Centre, scale and correlation of NUTS's coordinates from the Hessian of
-    ``log_density`` at ``start``.
+def _standardisation(spec: ShardSpec, data: ShardData):
+    """Centre, scale and correlation of w from the Hessian of the log target at w_start.
 
-    NUTS samples x = (z - centre)/scale, so that the mass-matrix regularisation (towards
+    NUTS samples z = (w - centre)/scale, so that the mass-matrix regularisation (towards
     the identity) and the first step sizes see unit scales; the correlation matrix is
-    the initial inverse mass matrix. ``fallback`` (p,) are the scales of coordinates
-    the Hessian does not give.
+    the initial inverse mass matrix.
     """
     import jax
 
-    z0 = np.asarray(start, float)
-    H = -np.asarray(jax.jit(jax.hessian(log_density))(z0))
-    p = z0.size
+    w0 = np.asarray(spec.w_start, float)
+    H = -np.asarray(jax.hessian(lambda w: log_target(w, spec, data))(w0))
+    p = w0.size
+    fallback = np.maximum(np.abs(w0) * 0.1, 1e-12)
+    fallback[0] = PRIOR_SD * np.sqrt(spec.n_shards)
+    if spec.coords.mode == "laminar_flow":
+        fallback[3] = fallback[0]
     corr = np.eye(p)
-    scale = np.asarray(fallback, float)
+    scale = fallback
     if np.all(np.isfinite(H)):
         H = 0.5 * (H + H.T)
         d = np.sqrt(np.abs(np.diag(H)))
-        d = np.where(d > 0, d, 1.0 / scale)
+        d = np.where(d > 0, d, 1.0 / fallback)
         Hs = H / np.outer(d, d)
         evals, evecs = np.linalg.eigh(Hs)
         if evals.max() > 0:
@@ -193,29 +194,29 @@ def _standardisation(log_density, start, fallback):
             cov = (evecs / evals) @ evecs.T / np.outer(d, d)
             sd = np.sqrt(np.diag(cov))
             ok = np.isfinite(sd) & (sd > 0)
-            scale = np.where(ok, sd, scale)
+            scale = np.where(ok, sd, fallback)
             corr = cov / np.outer(scale, scale)
             corr = 0.5 * (corr + corr.T) + 1e-9 * np.eye(p)
-    return z0, scale, corr
+    return w0, scale, corr
 
 
-def _starts(log_density, chains, seed, centre, scale, corr) -> np.ndarray:
+def _starts(spec, data, centre, scale, corr) -> np.ndarray:
     """Over-dispersed starts, one per chain: ~1 posterior sd around the least-squares
     point (so that R-hat can see chains that have not met), pulled in until the log
-    density is finite there."""
+    target is finite there."""
     import jax
 
-    f = jax.jit(log_density)
-    rng = np.random.default_rng(seed)
+    f = jax.jit(lambda w: log_target(w, spec, data))
+    rng = np.random.default_rng([spec.sampler.seed, spec.index])
     chol = np.linalg.cholesky(corr)
     out = []
-    for _ in range(chains):
-        x = rng.normal(0.0, 1.0, size=corr.shape[0]) @ chol.T
+    for _ in range(spec.sampler.chains):
+        z = rng.normal(0.0, 1.0, size=corr.shape[0]) @ chol.T
         for _ in range(30):
-            if np.isfinite(float(f(centre + scale * x))):
+            if np.isfinite(float(f(centre + scale * z))):
                 break
-            x = 0.5 * x
-        out.append(x)
+            z = 0.5 * z
+        out.append(z)
     return np.asarray(out)
 
 
@@ -245,41 +246,25 @@ def run_shard(spec: ShardSpec, data: ShardData) -> dict:
     enable_float64()  # the task may run on a worker without xpcsfit's preload
     nuts = spec.sampler
     p = len(spec.coords.names)
-
-    def log_w(w):
-        return log_target(w, spec, data)
-
-    # NUTS walks z (xpcsfit.cmc.reparam: (slope, value) non-centred along u), standardised.
-    smap = fit_shard_map(log_w, spec.w_start, spec.coords.block_columns, PRIOR_SD * np.sqrt(spec.n_shards))
-
-    def log_z(z):
-        w, log_det = smap.to_w(z)
-        return log_w(w) + log_det
-
-    z_start = smap.to_z(spec.w_start)
-    fallback = np.maximum(np.abs(z_start) * 0.1, 1e-12)
-    for iu, _, _ in spec.coords.block_columns:
-        fallback[iu] = PRIOR_SD * np.sqrt(spec.n_shards)
-    centre, scale, corr = _standardisation(log_z, z_start, fallback)
+    centre, scale, corr = _standardisation(spec, data)
     centre_j, scale_j = jnp.asarray(centre), jnp.asarray(scale)
 
     def model():
-        x = numpyro.sample("x", dist.ImproperUniform(constraints.real_vector, (), event_shape=(p,)))
-        numpyro.factor("log_target", log_z(centre_j + scale_j * x))
+        z = numpyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), event_shape=(p,)))
+        numpyro.factor("log_target", log_target(centre_j + scale_j * z, spec, data))
 
-    x0 = _starts(log_z, nuts.chains, [nuts.seed, spec.index], centre, scale, corr)
-    kernel = NUTS(model, dense_mass=True, inverse_mass_matrix={("x",): jnp.asarray(corr)},
+    z0 = _starts(spec, data, centre, scale, corr)
+    kernel = NUTS(model, dense_mass=True, inverse_mass_matrix={("z",): jnp.asarray(corr)},
                   target_accept_prob=nuts.target_accept, max_tree_depth=10)
     mcmc = MCMC(kernel, num_warmup=nuts.warmup, num_samples=nuts.samples, num_chains=nuts.chains,
-                chain_method=CHAIN_METHOD, progress_bar=_PROGRESS)
+                chain_method=CHAIN_METHOD, progress_bar=False)
     key = jax.random.PRNGKey(np.uint32(nuts.seed * 100_003 + spec.index))
-    init = {"x": jnp.asarray(x0 if nuts.chains > 1 else x0[0])}
+    init = {"z": jnp.asarray(z0 if nuts.chains > 1 else z0[0])}
     mcmc.run(key, init_params=init, extra_fields=("diverging", "num_steps", "adapt_state.step_size"))
     shape = (nuts.chains, nuts.samples)
-    x = np.asarray(mcmc.get_samples(group_by_chain=True)["x"]).reshape(-1, p)
+    z = np.asarray(mcmc.get_samples(group_by_chain=True)["z"]).reshape(*shape, p)
     extra = mcmc.get_extra_fields(group_by_chain=True)
-    w = np.asarray(jax.jit(jax.vmap(lambda xi: smap.to_w(centre_j + scale_j * xi)[0]))(jnp.asarray(x)))
-    w = w.reshape(*shape, p)
+    w = centre + scale * z
     theta = np.asarray(jax.vmap(spec.coords.to_theta)(jnp.asarray(w.reshape(-1, p)))).reshape(w.shape)
     return {
         "index": spec.index,
