@@ -45,11 +45,11 @@ def test_a_corrupted_shard_is_named_with_its_effect(client, static_file, monkeyp
     r = cmc(static_file, mode="static", shards=4, warmup=200, samples=200, chains=2, client=client,
             progress=False)
     bad = f"shard-{BAD:02d}"
-    assert r.summary["shards_failing_diagnostics"] == [bad]
+    assert r.summary["shards_failing_diagnostics"] == [bad], [(s["name"], s["problems"]) for s in r.shards]
     entry = r.shards[BAD]
     # Named for what is wrong with it: its sub-posterior is far from the others'
     # (planted: chi-square tail probability far below the 1e-6 alarm limit) ...
-    assert entry["consistency"]["p_value"] < 1e-6
+    assert entry["consistency"]["p_value"] < 1e-6, entry["consistency"]
     assert any("disagrees with the other shards" in p for p in entry["problems"])
     # ... and the good shards agree with one another (none named).
     for k, s in enumerate(r.shards):

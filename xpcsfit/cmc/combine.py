@@ -137,7 +137,7 @@ def shard_problems(stats: dict, divergences: int, chains: int, samples: int) -> 
     return out
 
 
-def shard_discrepancy(shard_w) -> list[dict]:
+def shard_discrepancy(shard_w, p_limit: float = DISCREPANCY_P_LIMIT) -> list[dict]:
     """How far each shard's sub-posterior lies from the combination of the others.
 
     With Gaussian sub-posteriors N(m_k, S_k) of one model, the shards' means scatter
@@ -148,14 +148,21 @@ def shard_discrepancy(shard_w) -> list[dict]:
     replaced by noise, a detector glitch in its frames) gives a d² far in the tail,
     whatever its sampler diagnostics say.
 
+    A bad shard also pulls the "rest" of every good shard; so the worst shard is set
+    aside while its tail probability is below ``p_limit`` (and at least two shards
+    remain), and every shard is compared with the combination of the shards not set
+    aside (other than itself).
+
     Parameters
     ----------
     shard_w : ndarray (K, chains, draws, p)
         Sub-posterior draws in the combination coordinates.
+    p_limit : float
 
     Returns
     -------
-    list of K dicts: ``d2``, ``dof``, ``p_value``; [] for K < 2.
+    list of K dicts: ``d2``, ``dof``, ``p_value``, ``compared_with`` (shard positions);
+    [] for K < 2.
     """
     from scipy.stats import chi2
 
@@ -169,17 +176,24 @@ def shard_discrepancy(shard_w) -> list[dict]:
     scale = np.where(scale > 0, scale, 1.0)
     x = (flat - centre) / scale  # the coordinates span 1e-6 … 1e5 (see combine)
     means = x.mean(axis=1)
-    precisions = [np.linalg.pinv(np.cov(x[k].T)) for k in range(K)]
-    out = []
-    for k in range(K):
-        rest = [j for j in range(K) if j != k]
-        P_rest = sum(precisions[j] for j in rest)
+    covs = [np.cov(x[k].T) for k in range(K)]
+    precisions = [np.linalg.pinv(c) for c in covs]
+
+    def against(k, others):
+        P_rest = sum(precisions[j] for j in others)
         S_rest = np.linalg.pinv(P_rest)
-        m_rest = S_rest @ sum(precisions[j] @ means[j] for j in rest)
-        diff = means[k] - m_rest
-        d2 = float(diff @ np.linalg.pinv(np.linalg.pinv(precisions[k]) + S_rest) @ diff)
-        out.append({"d2": d2, "dof": p, "p_value": float(chi2.sf(d2, p))})
-    return out
+        diff = means[k] - S_rest @ sum(precisions[j] @ means[j] for j in others)
+        d2 = float(diff @ np.linalg.pinv(covs[k] + S_rest) @ diff)
+        return {"d2": d2, "dof": p, "p_value": float(chi2.sf(d2, p)), "compared_with": list(others)}
+
+    kept = list(range(K))
+    while len(kept) > 2:
+        out = {k: against(k, [j for j in kept if j != k]) for k in kept}
+        worst = max(out, key=lambda k: out[k]["d2"])
+        if out[worst]["p_value"] >= p_limit:
+            break
+        kept.remove(worst)
+    return [against(k, [j for j in kept if j != k]) for k in range(K)]
 
 
 # ---------------------------------------------------------------- combination
