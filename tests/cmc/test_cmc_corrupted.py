@@ -55,6 +55,7 @@ def test_a_corrupted_shard_is_named_with_its_effect(client, static_file, monkeyp
     for k, s in enumerate(r.shards):
         if k != BAD:
             assert s["consistency"]["p_value"] > 1e-6, s
+            assert bad not in s["consistency"]["compared_with"]
     # Its effect on the combination is measured by leaving it out: it moves the
     # combined posterior by more than 1 combined sd somewhere (it carries a quarter of
     # the data, all of them wrong in the block).

@@ -171,7 +171,9 @@ def _shard_summaries(results, shard_w, run: CMCRun, to_theta, t_ref) -> tuple[li
     names = list(run.plan.coords.names)
     ok_index = [r["index"] for r in results if "error" not in r]
     entries, warn = [], []
-    discrepancy = dict(zip(ok_index, comb.shard_discrepancy(shard_w)))
+    ok_names = [r["name"] for r in results if "error" not in r]
+    discrepancy = {k: d | {"compared_with": [ok_names[j] for j in d["compared_with"]]}
+                   for k, d in zip(ok_index, comb.shard_discrepancy(shard_w))}
     for r in results:
         entry = {"name": r["name"], "index": r["index"]}
         entries.append(entry)
