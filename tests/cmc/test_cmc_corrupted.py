@@ -42,13 +42,15 @@ def test_a_corrupted_shard_is_named_with_its_effect(client, static_file, monkeyp
         return corrupt(data) if index == BAD else data
 
     monkeypatch.setattr(driver, "shard_data", with_one_bad)
-    r = cmc(static_file, mode="static", shards=4, warmup=200, samples=200, chains=2, client=client,
+    r = cmc(static_file, mode="static", shards=4, warmup=300, samples=500, chains=2, client=client,
             progress=False)
     bad = f"shard-{BAD:02d}"
     assert r.summary["shards_failing_diagnostics"] == [bad], [(s["name"], s["problems"]) for s in r.shards]
     entry = r.shards[BAD]
     # Named for what is wrong with it: its sub-posterior is far from the others'
-    # (planted: chi-square tail probability far below the 1e-6 alarm limit) ...
+    # (planted: chi-square tail probability far below the 1e-6 alarm limit). Its own
+    # sampler may fail too (a first run: R-hat 2.2, the corrupted target is not one
+    # the model can fit), but that alone would not say the data are bad ...
     assert entry["consistency"]["p_value"] < 1e-6, entry["consistency"]
     assert any("disagrees with the other shards" in p for p in entry["problems"])
     # ... and the good shards agree with one another (none named).
