@@ -80,3 +80,36 @@ def test_all_shards_failed_is_a_sampling_error():
     with pytest.raises(SamplingError, match="all 3 cmc shards failed; first error: KilledWorker: gone") as err:
         summarise(failed, run)
     assert isinstance(err.value, XpcsfitError) and err.value.exit_code == 5
+
+
+def test_shard_discrepancy_is_chi_square_for_alike_shards_and_names_a_shifted_one():
+    from scipy.stats import kstest
+
+    from xpcsfit.cmc.combine import DISCREPANCY_P_LIMIT, shard_discrepancy
+
+    rng = np.random.default_rng(5)
+    p, K, n = 3, 4, 2000
+    a = rng.normal(size=(p, p))
+    cov = a @ a.T + np.eye(p)
+    chol = np.linalg.cholesky(cov)
+    pvals = []
+    for _ in range(40):
+        # K data subsets of one Gaussian model: sub-posteriors N(m_k, cov), their means
+        # scattered about the truth by the data with that same covariance.
+        means = rng.normal(size=(K, p)) @ chol.T
+        draws = means[:, None, None, :] + rng.normal(size=(K, 1, n, p)) @ chol.T
+        pvals += [d["p_value"] for d in shard_discrepancy(draws)]
+    # Alike shards: d² ~ chi²(p), so the p-values are uniform (the draws' mean and
+    # covariance errors, ~1/√2000, shift them by far less than the KS test can see at
+    # 160 values); and none reaches the alarm limit (probability 160 · 1e-6).
+    assert kstest(pvals, "uniform").pvalue > 1e-3
+    assert min(pvals) > DISCREPANCY_P_LIMIT
+    # One shard 8 of its sds away in the first coordinate: named, the others are not.
+    means = rng.normal(size=(K, p)) @ chol.T
+    means[2, 0] += 8 * np.sqrt(cov[0, 0])
+    draws = means[:, None, None, :] + rng.normal(size=(K, 1, n, p)) @ chol.T
+    out = shard_discrepancy(draws)
+    assert out[2]["p_value"] < 1e-9
+    # The good shards are compared with one another, not with a rest the bad one pulls.
+    for k in (0, 1, 3):
+        assert out[k]["p_value"] > DISCREPANCY_P_LIMIT and 2 not in out[k]["compared_with"], out[k]

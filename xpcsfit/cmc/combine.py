@@ -31,6 +31,13 @@ from xpcsfit.model import shear_rate, transport_coefficient
 
 R_HAT_LIMIT = 1.01
 ESS_PER_CHAIN = 100
+ESS_MIN = 400  # bulk ESS of every reported quantity of a shard (2 chains × 500 draws: 0.4 per draw)
+DIVERGENCE_LIMIT = 0.005  # fraction of a shard's kept transitions
+# A shard whose sub-posterior disagrees with the other shards' combination beyond this
+# chi-square tail probability is named (p parameters: Mahalanobis distance², see
+# shard_discrepancy). 1e-6: the sub-posteriors are not exactly Gaussian, and a false
+# alarm on good data costs a user a failed run; planted corruption gives p < 1e-30.
+DISCREPANCY_P_LIMIT = 1e-6
 COMBINE_METHODS = ("consensus", "parametric")
 
 
@@ -104,22 +111,89 @@ def describe_all(names, draws) -> dict:
     return {n: describe(draws[..., i]) for i, n in enumerate(names)}
 
 
+def ess_limit(chains: int, samples: int) -> float:
+    """The bulk ESS a shard needs for every reported quantity: ESS_MIN, or 100 per chain
+    and half the draws when fewer draws are asked for (short runs)."""
+    return float(min(ESS_MIN, max(ESS_PER_CHAIN * chains, 0.4 * chains * samples), 0.5 * chains * samples))
+
+
 def shard_problems(stats: dict, divergences: int, chains: int, samples: int) -> list[str]:
     """What fails the diagnostics of one shard (empty list: it passes).
 
-    Limits: R-hat < 1.01 and bulk ESS >= 100 per chain for every physics parameter
-    (Vehtari et al. 2021), no divergent transitions.
+    Limits, for every reported quantity in ``stats`` (physics parameters, J and
+    gamma_dot at the reference times): R-hat < 1.01 and bulk ESS >= :func:`ess_limit`
+    (Vehtari et al. 2021); divergent transitions at most DIVERGENCE_LIMIT of the draws.
     """
     out = []
+    need = ess_limit(chains, samples)
     for name, s in stats.items():
         if not np.isfinite(s["r_hat"]) or s["r_hat"] >= R_HAT_LIMIT:
             out.append(f"R-hat {s['r_hat']:.3f} for {name} (limit {R_HAT_LIMIT})")
-        if not np.isfinite(s["ess_bulk"]) or s["ess_bulk"] < min(ESS_PER_CHAIN * chains, 0.5 * chains * samples):
-            out.append(f"bulk ESS {s['ess_bulk']:.0f} for {name}")
-    if divergences:
-        out.append(f"{divergences} divergent transitions of {chains * samples} "
-                   "(a higher --target-accept takes smaller steps)")
+        if not np.isfinite(s["ess_bulk"]) or s["ess_bulk"] < need:
+            out.append(f"bulk ESS {s['ess_bulk']:.0f} for {name} (limit {need:.0f})")
+    if divergences > DIVERGENCE_LIMIT * chains * samples:
+        out.append(f"{divergences} divergent transitions of {chains * samples} (limit "
+                   f"{DIVERGENCE_LIMIT:.1%}; a higher --target-accept takes smaller steps)")
     return out
+
+
+def shard_discrepancy(shard_w, p_limit: float = DISCREPANCY_P_LIMIT) -> list[dict]:
+    """How far each shard's sub-posterior lies from the combination of the others.
+
+    With Gaussian sub-posteriors N(m_k, S_k) of one model, the shards' means scatter
+    as the data do: m_k - m_rest ~ N(0, S_k + S_rest), S_rest and m_rest the Gaussian
+    product of the other shards (Scott et al. 2016, Eq. 3). The Mahalanobis distance²
+    d² = (m_k - m_rest)ᵀ (S_k + S_rest)⁻¹ (m_k - m_rest) is then chi-square with p
+    degrees of freedom. A shard whose data are not those of the others (a block of c2
+    replaced by noise, a detector glitch in its frames) gives a d² far in the tail,
+    whatever its sampler diagnostics say.
+
+    A bad shard also pulls the "rest" of every good shard; so the worst shard is set
+    aside while its tail probability is below ``p_limit`` (and at least two shards
+    remain), and every shard is compared with the combination of the shards not set
+    aside (other than itself).
+
+    Parameters
+    ----------
+    shard_w : ndarray (K, chains, draws, p)
+        Sub-posterior draws in the combination coordinates.
+    p_limit : float
+
+    Returns
+    -------
+    list of K dicts: ``d2``, ``dof``, ``p_value``, ``compared_with`` (shard positions);
+    [] for K < 2.
+    """
+    from scipy.stats import chi2
+
+    shard_w = np.asarray(shard_w, float)
+    K, p = shard_w.shape[0], shard_w.shape[-1]
+    if K < 2:
+        return []
+    flat = shard_w.reshape(K, -1, p)
+    centre = flat.mean(axis=(0, 1))
+    scale = np.sqrt(flat.var(axis=1, ddof=1).mean(axis=0))
+    scale = np.where(scale > 0, scale, 1.0)
+    x = (flat - centre) / scale  # the coordinates span 1e-6 … 1e5 (see combine)
+    means = x.mean(axis=1)
+    covs = [np.cov(x[k].T) for k in range(K)]
+    precisions = [np.linalg.pinv(c) for c in covs]
+
+    def against(k, others):
+        P_rest = sum(precisions[j] for j in others)
+        S_rest = np.linalg.pinv(P_rest)
+        diff = means[k] - S_rest @ sum(precisions[j] @ means[j] for j in others)
+        d2 = float(diff @ np.linalg.pinv(covs[k] + S_rest) @ diff)
+        return {"d2": d2, "dof": p, "p_value": float(chi2.sf(d2, p)), "compared_with": list(others)}
+
+    kept = list(range(K))
+    while len(kept) > 2:
+        out = {k: against(k, [j for j in kept if j != k]) for k in kept}
+        worst = max(out, key=lambda k: out[k]["d2"])
+        if out[worst]["p_value"] >= p_limit:
+            break
+        kept.remove(worst)
+    return [against(k, [j for j in kept if j != k]) for k in range(K)]
 
 
 # ---------------------------------------------------------------- combination

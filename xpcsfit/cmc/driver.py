@@ -281,7 +281,7 @@ def _run_shards(cl, specs, points, progress) -> list[dict]:
 
 def _shard_line(r, names, done, total, elapsed) -> str:
     """The progress line of a finished shard."""
-    stats = comb.describe_all(names, r["theta"])
+    stats = comb.describe_all(names, r["theta"])  # the parameters (the summary adds J, gamma_dot)
     return (f"xpcsfit cmc: {r['name']} done in {r['wall_time_s']:.0f} s on {r['worker']}: "
             f"{r['n_points']:,} points, R-hat max {max(s['r_hat'] for s in stats.values()):.3f}, "
             f"bulk ESS min {min(s['ess_bulk'] for s in stats.values()):.0f}, "

@@ -171,6 +171,9 @@ def _shard_summaries(results, shard_w, run: CMCRun, to_theta, t_ref) -> tuple[li
     names = list(run.plan.coords.names)
     ok_index = [r["index"] for r in results if "error" not in r]
     entries, warn = [], []
+    ok_names = [r["name"] for r in results if "error" not in r]
+    discrepancy = {k: d | {"compared_with": [ok_names[j] for j in d["compared_with"]]}
+                   for k, d in zip(ok_index, comb.shard_discrepancy(shard_w))}
     for r in results:
         entry = {"name": r["name"], "index": r["index"]}
         entries.append(entry)
@@ -180,9 +183,16 @@ def _shard_summaries(results, shard_w, run: CMCRun, to_theta, t_ref) -> tuple[li
                                 f"(prior kept at the power 1/{K} per shard)")
             warn.append(f"{r['name']} failed ({r['error']}); combined without it")
             continue
-        stats = comb.describe_all(names, r["theta"])
+        stats = reported_stats(names, r["theta"], run.plan.coords.mode, t_ref)
         div = int(r["diverging"].sum())
         problems = comb.shard_problems(stats, div, run.sampler.chains, run.sampler.samples)
+        disc = discrepancy.get(r["index"])
+        if disc is not None and disc["p_value"] < comb.DISCREPANCY_P_LIMIT:
+            problems.append(f"its sub-posterior disagrees with the other shards' combination (Mahalanobis "
+                            f"distance² {disc['d2']:.1f} on {disc['dof']} degrees of freedom, chi-square tail "
+                            f"probability {disc['p_value']:.2g} < {comb.DISCREPANCY_P_LIMIT:g}): its data are not "
+                            "like the others' (corrupted frames?)")
+        entry.update(consistency=disc)
         entry.update(
             worker=r["worker"], n_points=r["n_points"],
             wall_time_s=r["wall_time_s"], divergences=div, step_size=r["step_size"].tolist(),
@@ -202,6 +212,17 @@ def _shard_summaries(results, shard_w, run: CMCRun, to_theta, t_ref) -> tuple[li
                          f"{eff['sd_ratio_range'][0]:.2f}-{eff['sd_ratio_range'][1]:.2f}; it is kept in the combination")
             warn.append(f"{r['name']} fails its diagnostics: {text}")
     return entries, warn
+
+
+def reported_stats(names, theta, mode, t_ref) -> dict:
+    """describe() of every reported quantity of draws theta (chains, draws, p): the
+    physics parameters, and J(t) and gamma_dot(t) at the reference times t_ref."""
+    stats = comb.describe_all(names, theta)
+    per_chain = comb.transport_draws(mode, theta, t_ref)
+    for key, v in per_chain.items():
+        for j, tt in enumerate(t_ref):
+            stats[f"{key}({tt:g} s)"] = comb.describe(v[..., j])
+    return stats
 
 
 def _transport(mode, theta, t, t_ref) -> dict:
@@ -235,6 +256,7 @@ def _summary(run: CMCRun, ok, params, transport, shards, combined, warn) -> dict
         "shards_failing_diagnostics": [s["name"] for s in shards if not s["passed"]],
         "likelihood": _likelihood_record(run, ok),
         "prior": _prior_record(plan.coords, plan.n_shards),
+        "sampling": _sampling_record(run),
         "settings": {"shards": plan.n_shards, "warmup": run.sampler.warmup, "samples": run.sampler.samples,
                      "chains": run.sampler.chains, "thin": plan.thin, "tile": plan.tile,
                      "seed": run.sampler.seed, "combine": run.combine, "gap": float(plan.L),
@@ -282,6 +304,28 @@ def _prior_record(coords, K: int) -> dict:
         "tempering": f"prior density of the sampling coordinates raised to 1/{K} in each shard "
                      "(Scott et al. 2016)",
         "sampling_coordinates": coords.w_names,
+    }
+
+
+def _sampling_record(run: CMCRun) -> dict:
+    """summary.json's "sampling": how NUTS walked, and what posterior it targets."""
+    from xpcsfit.cmc.shard import CHAIN_METHOD
+
+    return {
+        "posterior": "the full model as asked (every physics parameter free, within its bounds); no "
+                     "parameter is fixed or reduced, so the reported J(t) and gamma_dot(t) are its posterior",
+        "coordinates": "NUTS walks the sampling coordinates of xpcsfit.cmc.coordinates (per power law the "
+                       "amplitude position u, the slope and the value of the curve at 1 s; phi0), standardised by the "
+                       "Hessian of the shard target at the least-squares point",
+        "known_limit": "when alpha ≈ 0 and beta ≈ 0 an amplitude and its offset are not separately determined: "
+                       "u is set by its prior and the width the data leave the slope changes many-fold along u "
+                       "(a funnel); shards may then report divergences and low ESS (README, CMC, Known limit)",
+        "least_squares_warnings": [w for w in run.initial.result.warnings if "determined" in w],
+        "mass_matrix": "dense, started from the Hessian of the shard target at the least-squares point",
+        "init": "over-dispersed around the least-squares point (about 1 posterior sd), one start per chain",
+        "chain_method": CHAIN_METHOD,
+        "chain_method_why": "on a CPU worker vectorised chains cost more than the chains in turn (README, CMC)",
+        "target_accept": run.sampler.target_accept,
     }
 
 
