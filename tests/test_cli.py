@@ -69,17 +69,29 @@ def test_bad_input_one_line_error(args, code, words, broken_files, shared_data, 
 
 
 @pytest.mark.slow
-def test_simulate_then_fit_on_a_local_cluster(tmp_path):
+def test_simulate_then_fit_in_process_and_on_a_local_cluster(tmp_path):
     p = run("simulate", "sim.hdf", "--n-frames", "120", "--n-phi", "3", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     truth = json.loads((tmp_path / "sim.truth.json").read_text())
     assert truth["truth"]["D0"] == 2.0e4
+    # A small selection and no cluster given: in process, said in the first line.
     p = run("fit", "sim.hdf", "--gap", "2e6", "--out", "res", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert "dashboard" in p.stdout and "iter" in p.stdout
+    first = p.stdout.splitlines()[0]
+    assert "21,063 points" in first and first.endswith("and no cluster or client given)"), first
+    assert "; in process (21,063 points ≤ " in first, first
+    assert "dashboard" not in p.stdout and "iter" in p.stdout
     doc = json.loads((tmp_path / "res" / "fit.json").read_text())
-    assert doc["converged"]
+    assert doc["converged"] and doc["provenance"]["cluster"] == "in process"
     assert doc["parameters"]["phi0"]["value"] == pytest.approx(6.0, abs=1.0)
+    # --cluster local forces the cluster; the parameters are the same, bit for bit.
+    p = run("fit", "sim.hdf", "--gap", "2e6", "--out", "res_cluster", "--cluster", "local", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0].endswith("; on a Dask cluster (a cluster was given)")
+    assert "dashboard" in p.stdout
+    on_cluster = json.loads((tmp_path / "res_cluster" / "fit.json").read_text())
+    assert on_cluster["provenance"]["cluster"].endswith("(2 workers)")
+    assert on_cluster["parameters"] == doc["parameters"] and on_cluster["chi2"] == doc["chi2"]
 
 
 def test_ingest_twice_and_conflict(tmp_path, shared_data):

@@ -6,7 +6,8 @@ anything of trust regions. What a pass computes is written once, in
 :class:`TileEvaluator`; the two differ only in where the per-tile kernel runs (the
 ``_map`` / ``_map_reduce`` seam):
 
-- :class:`InProcessEvaluator` holds the tiles in this process (tests, small data).
+- :class:`InProcessEvaluator` holds the tiles in this process (small fits, a fit run
+  whole inside one worker task, tests).
 - :class:`DaskEvaluator` groups the tiles into *parts*, loads each part onto a
   dask.distributed worker once (``hold``) or reads it from its source every pass
   (``stream``), and per pass sends only x (inside each part's task) and gets back one
@@ -31,7 +32,6 @@ import numpy as np
 
 from xpcsfit.engine.cluster import workers_info
 from xpcsfit.engine.kernel import (
-    Tile,
     TilePlace,
     add_lag_sums,
     compiled_variants,
@@ -56,6 +56,7 @@ from xpcsfit.engine.spans import (
     task_name,
 )
 from xpcsfit.engine.sums import BlockSums, NormalEquations
+from xpcsfit.engine.tiles import TileSpec
 from xpcsfit.errors import ConfigError
 from xpcsfit.model import enable_float64
 from xpcsfit.parameters import ParameterLayout
@@ -147,23 +148,62 @@ class TileEvaluator:
 class InProcessEvaluator(TileEvaluator):
     """Evaluate the tiles in this process, one after another.
 
+    The same kernels and the same fixed reduction tree as :class:`DaskEvaluator`
+    (whose parts are aligned subtrees of it), so a fit gives the same sums either way.
+    It holds every tile: its memory is ``tile_bytes`` (the padded tiles) plus one tile's
+    kernel workspace.
+
     Parameters
     ----------
-    tiles : list of Tile
+    tiles : list of Tile or TileSpec
+        The tiles in the fixed order of the reduction tree; specs are loaded here, once
+        (InputError for non-finite c2, as on a worker).
     layout, mode, L
         As for :class:`TileEvaluator`.
     """
 
-    def __init__(self, tiles: list[Tile], layout: ParameterLayout, mode: str, L: float):
+    storage = "hold"
+    n_workers = 1
+
+    def __init__(self, tiles: list, layout: ParameterLayout, mode: str, L: float):
         enable_float64()
         super().__init__(tiles, layout, mode, L)
-        self.tiles = list(tiles)
+        self.tiles = [t.load() if isinstance(t, TileSpec) else t for t in tiles]
+        self.tile_bytes = sum(t.c2.nbytes + t.weight.nbytes for t in self.tiles)
+        self.pass_seconds: list[float] = []
+        self._compiled_at_start = compiled_variants()
+        self._compiled_when_warm: int | None = None
 
     def _map(self, kind, func, *args) -> list:
         return [func(t, *args) for t in self.tiles]
 
     def _map_reduce(self, kind, func, x):
-        return tree_sum(self._map(kind, func, x, self.layout, self.mode, self.L))
+        started = time.perf_counter()
+        result = tree_sum(self._map(kind, func, x, self.layout, self.mode, self.L))
+        self.pass_seconds.append(time.perf_counter() - started)
+        if self._compiled_when_warm is None and self.normal_passes and self.cost_passes:
+            self._compiled_when_warm = compiled_variants()  # every kernel has run once
+        return result
+
+    def stats(self) -> dict:
+        """What the engine did, for the result's ``engine`` record (the keys of
+        :meth:`DaskEvaluator.stats`; the one "worker" is this process, nothing travels)."""
+        now = compiled_variants()
+        warm = now if self._compiled_when_warm is None else self._compiled_when_warm
+        return {
+            "n_tiles": self.n_tiles,
+            "n_parts": 1,
+            "storage": self.storage,
+            "tile_bytes_total": int(self.tile_bytes),
+            "normal_passes": self.normal_passes,
+            "cost_passes": self.cost_passes,
+            "other_passes": self.other_passes,
+            "pass_seconds": [round(v, 4) for v in self.pass_seconds],
+            "bytes_to_workers_per_pass": 0.0,
+            "bytes_from_workers_per_pass": 0.0,
+            "compilations": {"in process": now - self._compiled_at_start},
+            "compilations_after_warmup": {"in process": now - warm},
+        }
 
     def close(self):
         self.tiles = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import xarray as xr
 
 from xpcsfit.config import FitConfig, load_config
 from xpcsfit.engine.cluster import dask_client
-from xpcsfit.engine.evaluator import DaskEvaluator, TileEvaluator
+from xpcsfit.engine.evaluator import DaskEvaluator, InProcessEvaluator, TileEvaluator
 from xpcsfit.engine.spans import span_label
 from xpcsfit.engine.specs import load_cluster_spec
 from xpcsfit.engine.tiles import DEFAULT_TILE, TileSpec, count_points, plan_tiles
@@ -45,8 +46,8 @@ from xpcsfit.solver import IterationReport, SolverState, TrustRegionLM
 
 def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=None,
         config=None, out=None, client=None, scheduler=None, tile=None, dt=None,
-        progress=True, resume=True, cluster=None) -> FitResult:
-    """Fit the homodyne model to two-time c2 data on a Dask cluster.
+        progress=True, resume=True, cluster=None, in_process=None) -> FitResult:
+    """Fit the homodyne model to two-time c2 data, in this process or on a Dask cluster.
 
     Parameters
     ----------
@@ -86,6 +87,15 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         fit in fewer data passes, when the checkpoint's fingerprint (input content,
         selection, settings, start, bounds, version) matches this fit's. False: start
         over (the checkpoint is replaced). fit.json records a resumed fit under ``resumed_from``.
+    in_process : bool, optional
+        True: the whole fit runs in the calling process (:class:`InProcessEvaluator`:
+        the same kernels and summation tree, no cluster, no Dask tasks); inside a Dask
+        task it runs whole in that one task. False: on a cluster, chosen as ``client``
+        says. None (default): in process when no client, scheduler or cluster is given,
+        the call is not inside a Dask task, the process has no default Dask client, and
+        the selection has at most :data:`IN_PROCESS_MAX_POINTS` points; else on a
+        cluster. The first progress line says which and why; fit.json records it
+        (``provenance.cluster`` "in process").
 
     Returns
     -------
@@ -96,37 +106,106 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     InputError
         Unreadable or invalid input (missing keys, NaN/Inf in c2, bad dt in the file).
     ConfigError
-        Bad selection, option or config value.
+        Bad selection, option or config value; ``in_process=True`` with a client,
+        scheduler or cluster.
     """
     started = time.perf_counter()
     enable_float64()
     cluster = None if cluster is None else load_cluster_spec(cluster)
     cfg = load_config(config, mode=mode, gap=gap, tile=tile)
     plan = _plan(input, cfg, dict(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt))
-    say(progress, _describe(input, cfg, plan))
-
-    def announce(c, what):
-        say(progress, f"xpcsfit: started {what}, dashboard {c.dashboard_link}")
+    local, why = choose_in_process(in_process, plan.n_points, client=client, scheduler=scheduler, cluster=cluster)
+    say(progress, f"{_describe(input, cfg, plan)}; {why}")
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
-    with claim_result_directory(out) as target, dask_client(client, scheduler, on_start=announce, cluster=cluster) as cl:
+    with claim_result_directory(out) as target, \
+            _evaluator(local, input, cfg, plan, progress, client, scheduler, cluster) as (evaluator, where):
         for stale in getattr(target, "removed_partials", ()):
             say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
-        evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory,
-                                  span=("xpcsfit fit", span_label(input, plan.ds["q"].values)))
-        say(progress, f"xpcsfit: tiles in {len(evaluator.parts)} parts on {evaluator.n_workers} workers, "
-                      f"memory {evaluator.storage} ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
         if plan.gap_defaulted:
             # Warned once the tiles have loaded (and passed their checks): a file that
             # cannot be fitted gets its error alone.
             warn_default_gap(cfg.mode, stacklevel=2)
-        try:
-            result = _run(evaluator, cl, cfg, plan, progress, target, resume, started)
-        finally:
-            evaluator.close()
+        result = _run(evaluator, where, cfg, plan, progress, target, resume, started)
     for w in result.warnings:
         say(progress, f"xpcsfit: warning: {w}")
     return result
+
+
+# The most points that ``fit(in_process=None)`` fits in process. Measured on the 2-core
+# development machine (benchmarks/bench_in_process.py; README "In process or on a
+# cluster"): `xpcsfit fit` end to end, in process against a fresh 2-worker LocalCluster,
+# is faster in process up to about MEASURED points. In-process memory: the padded tiles,
+# about (4·n_phi + 8)·tile² bytes per tile, ≤ 12 bytes per point plus the diagonal tiles'
+# padding, so at most ~MEMORY MiB at this limit, plus one tile's kernel workspace.
+IN_PROCESS_MAX_POINTS = 4_000_000
+
+
+def choose_in_process(in_process, n_points: int, *, client=None, scheduler=None, cluster=None) -> tuple[bool, str]:
+    """Whether a fit of ``n_points`` runs in process, and why (a phrase for its first line).
+
+    See :func:`fit`'s ``in_process``.
+
+    Raises
+    ------
+    ConfigError
+        ``in_process`` not True, False or None, or True with a client, scheduler or cluster.
+    """
+    given = next((name for name, v in (("client", client), ("scheduler", scheduler), ("cluster", cluster))
+                  if v is not None), None)
+    if in_process is True:
+        if given:
+            raise ConfigError(f"in_process=True and a {given}: the fit runs either in this process "
+                              "or on a cluster; give one, not both")
+        return True, "in process (in_process=True)"
+    if in_process is False:
+        return False, "on a Dask cluster (in_process=False)"
+    if in_process is not None:
+        raise ConfigError(f"in_process={in_process!r}: True, False or None (choose from the number of points)")
+    if given:
+        return False, f"on a Dask cluster (a {given} was given)"
+    from distributed import default_client, get_worker
+
+    try:
+        get_worker()
+        return False, "on the Dask cluster of the task it runs in (in_process=True runs it whole in the task)"
+    except ValueError:
+        pass
+    try:
+        default_client()
+        return False, "on the process's default Dask client"
+    except ValueError:
+        pass
+    if n_points > IN_PROCESS_MAX_POINTS:
+        return False, f"on a Dask cluster ({n_points:,} points > {IN_PROCESS_MAX_POINTS:,}, the in-process limit)"
+    return True, f"in process ({n_points:,} points ≤ {IN_PROCESS_MAX_POINTS:,} and no cluster or client given)"
+
+
+@contextlib.contextmanager
+def _evaluator(local: bool, input, cfg, plan, progress, client, scheduler, cluster):
+    """Yield the fit's evaluator (tiles loaded) and where it runs (fit.json's
+    ``provenance.cluster``): in process, or on the client :func:`dask_client` gives."""
+    if local:
+        evaluator = InProcessEvaluator(plan.specs, plan.layout, cfg.mode, plan.L)
+        say(progress, f"xpcsfit: {evaluator.n_tiles} tiles loaded in process ({evaluator.tile_bytes / 2**20:.0f} MiB)")
+        try:
+            yield evaluator, "in process"
+        finally:
+            evaluator.close()
+        return
+
+    def announce(c, what):
+        say(progress, f"xpcsfit: started {what}, dashboard {c.dashboard_link}")
+
+    with dask_client(client, scheduler, on_start=announce, cluster=cluster) as cl:
+        evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory,
+                                  span=("xpcsfit fit", span_label(input, plan.ds["q"].values)))
+        say(progress, f"xpcsfit: tiles in {len(evaluator.parts)} parts on {evaluator.n_workers} workers, "
+                      f"memory {evaluator.storage} ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
+        try:
+            yield evaluator, f"{cl.scheduler.address} ({evaluator.n_workers} workers)"
+        finally:
+            evaluator.close()
 
 
 @dataclass(frozen=True)
@@ -173,13 +252,13 @@ def _describe(input, cfg: FitConfig, plan: _Plan) -> str:
             f"{plan.size} frames")
 
 
-def _run(evaluator: DaskEvaluator, cl, cfg, plan: _Plan, progress, target, resume, started) -> FitResult:
+def _run(evaluator: TileEvaluator, where: str, cfg, plan: _Plan, progress, target, resume, started) -> FitResult:
     """Solve (resuming from the checkpoint beside ``target``), record the input, the
-    engine and the provenance, and write the result directory when there is a target."""
+    engine and the provenance (``where`` it ran), and write the result directory when
+    there is a target."""
     checkpoint = Checkpoint(target.final, resume) if target is not None else None
     result = _solve(evaluator, plan.ds, cfg, plan.layout, plan.L, plan.size, progress, checkpoint)
-    cluster = f"{cl.scheduler.address} ({evaluator.n_workers} workers)"
-    result.provenance = provenance_record(cfg, plan.gap_defaulted, cluster)
+    result.provenance = provenance_record(cfg, plan.gap_defaulted, where)
     result.input = input_record(plan.ds, plan.n_points, plan.L)
     result.engine = {"tile_size": plan.size} | evaluator.stats()
     if target is None:
