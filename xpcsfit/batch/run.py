@@ -208,30 +208,31 @@ def batch(roots, *, pattern=None, config=None, out_root=None, scheduler=None, cl
     from xpcsfit.engine.cluster import dask_client
 
     summary = BatchSummary(catalogue=where, report=where.parent / REPORT_FILE)
-    with Catalogue(where, write=True) as cat, _stop_on_signals() as stop:
+    with Catalogue(where, write=True) as cat, _stop_on_signals() as stop, contextlib.ExitStack() as stack:
         plan = make_plan(roots, pattern=pattern, config=config, out_root=out_root, catalogue=cat, force=force)
 
-        def announce(c, what):
-            display.say(f"xpcsfit batch: started {what}, dashboard {c.dashboard_link}")
+        def connect():  # the one client of the run, got when a first unit is to fit
+            def announce(c, what):
+                display.say(f"xpcsfit batch: started {what}, dashboard {c.dashboard_link}")
 
-        with dask_client(client, scheduler, on_start=announce, cluster=spec) as cl:
-            runner = _Runner(cat, cl, display, stop)
-            summary.units += runner.run(plan)
-            not_fitted = _not_fitted(summary.units)
-            write_report(where, summary.report, not_fitted=not_fitted)
-            if watch and not stop.is_set():
-                from xpcsfit.batch.watch import watch_roots
+            return stack.enter_context(dask_client(client, scheduler, on_start=announce, cluster=spec))
 
-                display.say(f"xpcsfit batch: watching {', '.join(map(str, roots))} (settle {settle:g} s"
-                            f"{', polling' if poll else ''}); SIGTERM or Ctrl-C stops")
+        runner = _Runner(cat, connect, display, stop)
+        summary.units += runner.run(plan)
+        write_report(where, summary.report, not_fitted=_not_fitted(summary.units))
+        if watch and not stop.is_set():
+            from xpcsfit.batch.watch import watch_roots
 
-                def on_ready(paths):
-                    more = make_plan(roots, pattern=pattern, config=config, out_root=out_root,
-                                     catalogue=cat, force=force, only=paths)
-                    summary.units.extend(runner.run(more))
-                    write_report(where, summary.report, not_fitted=_not_fitted(summary.units))
+            display.say(f"xpcsfit batch: watching {', '.join(map(str, roots))} (settle {settle:g} s"
+                        f"{', polling' if poll else ''}); SIGTERM or Ctrl-C stops")
 
-                watch_roots(roots, pattern, settle=settle, poll=poll, stop=stop, on_ready=on_ready)
+            def on_ready(paths):
+                more = make_plan(roots, pattern=pattern, config=config, out_root=out_root,
+                                 catalogue=cat, force=force, only=paths)
+                summary.units.extend(runner.run(more))
+                write_report(where, summary.report, not_fitted=_not_fitted(summary.units))
+
+            watch_roots(roots, pattern, settle=settle, poll=poll, stop=stop, on_ready=on_ready)
     summary.wall_time_s = time.monotonic() - started
     summary.exit_code = _exit_code(summary.units, None if watch else stop.signal)
     display.say(summary.line())
@@ -239,11 +240,19 @@ def batch(roots, *, pattern=None, config=None, out_root=None, scheduler=None, cl
 
 
 class _Runner:
-    """Runs the FIT steps of plans on one client, recording each attempt."""
+    """Runs the FIT steps of plans on one client (``connect()``: called once, when a
+    first unit is to fit), recording each attempt."""
 
-    def __init__(self, cat: Catalogue, client, display: Display, stop):
-        self.cat, self.client, self.display, self.stop = cat, client, display, stop
+    def __init__(self, cat: Catalogue, connect, display: Display, stop):
+        self.cat, self.connect, self.display, self.stop = cat, connect, display, stop
+        self._client = None
         self._slots, self._slots_at = 1, -1e9
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self.connect()
+        return self._client
 
     def run(self, plan: Plan) -> list[UnitStatus]:
         """Every step of ``plan``: fits run, skips and errors reported; in plan order."""
@@ -258,6 +267,8 @@ class _Runner:
         for u in skipped:
             self.display.say(f"xpcsfit batch: {u.status}: {u.input}: {u.why}")
         queue = [(i, s) for i, s in enumerate(plan.steps) if s.action == FIT]
+        if queue and not self.stop.is_set():
+            self.client  # noqa: B018 - start or reach the cluster before the display starts
         self.display.start(len(queue))
         running: dict = {}  # future -> (index, step, attempt, monotonic start)
         try:
