@@ -32,6 +32,7 @@ import numpy as np
 
 from xpcsfit.engine.cluster import workers_info
 from xpcsfit.engine.kernel import (
+    Tile,
     TilePlace,
     add_lag_sums,
     compiled_variants,
@@ -56,7 +57,6 @@ from xpcsfit.engine.spans import (
     task_name,
 )
 from xpcsfit.engine.sums import BlockSums, NormalEquations
-from xpcsfit.engine.tiles import TileSpec
 from xpcsfit.errors import ConfigError
 from xpcsfit.model import enable_float64
 from xpcsfit.parameters import ParameterLayout
@@ -155,9 +155,9 @@ class InProcessEvaluator(TileEvaluator):
 
     Parameters
     ----------
-    tiles : list of Tile or TileSpec
-        The tiles in the fixed order of the reduction tree; specs are loaded here, once
-        (InputError for non-finite c2, as on a worker).
+    tiles : list of Tile
+        In the fixed order of the reduction tree (a fit's: from
+        :func:`~xpcsfit.engine.tiles.load_tiles`).
     layout, mode, L
         As for :class:`TileEvaluator`.
     """
@@ -165,10 +165,10 @@ class InProcessEvaluator(TileEvaluator):
     storage = "hold"
     n_workers = 1
 
-    def __init__(self, tiles: list, layout: ParameterLayout, mode: str, L: float):
+    def __init__(self, tiles: list[Tile], layout: ParameterLayout, mode: str, L: float):
         enable_float64()
         super().__init__(tiles, layout, mode, L)
-        self.tiles = [t.load() if isinstance(t, TileSpec) else t for t in tiles]
+        self.tiles = list(tiles)
         self.tile_bytes = sum(t.c2.nbytes + t.weight.nbytes for t in self.tiles)
         self.pass_seconds: list[float] = []
         self._compiled_at_start = compiled_variants()

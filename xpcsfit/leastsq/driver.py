@@ -16,7 +16,13 @@ from xpcsfit.engine.cluster import dask_client
 from xpcsfit.engine.evaluator import DaskEvaluator, InProcessEvaluator, TileEvaluator
 from xpcsfit.engine.spans import span_label
 from xpcsfit.engine.specs import load_cluster_spec
-from xpcsfit.engine.tiles import DEFAULT_TILE, TileSpec, count_points, plan_tiles
+from xpcsfit.engine.tiles import (
+    DEFAULT_TILE,
+    TileSpec,
+    count_points,
+    load_tiles,
+    plan_tiles,
+)
 from xpcsfit.errors import ConfigError
 from xpcsfit.io.dataset import open_dataset
 from xpcsfit.io.result_dir import claim_result_directory, result_manifest
@@ -133,12 +139,18 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
 
 
 # The most points that ``fit(in_process=None)`` fits in process. Measured on the 2-core
-# development machine (benchmarks/bench_in_process.py; README "In process or on a
-# cluster"): `xpcsfit fit` end to end, in process against a fresh 2-worker LocalCluster,
-# is faster in process up to about MEASURED points. In-process memory: the padded tiles,
-# about (4·n_phi + 8)·tile² bytes per tile, ≤ 12 bytes per point plus the diagonal tiles'
-# padding, so at most ~MEMORY MiB at this limit, plus one tile's kernel workspace.
-IN_PROCESS_MAX_POINTS = 4_000_000
+# development machine with benchmarks/bench_in_process.py (README "In process or on a
+# cluster"): the whole fit with --out, each in a fresh Python process, in process against a
+# fresh 2-worker LocalCluster, laminar_flow, 8 phi: in process was faster at every size
+# tried — 1.06× at 1.0 M points, 2.2× at 4.0 M, 2.9× at 9.0 M, 1.8× at 16.0 M (load
+# average 9-12 from other work on the machine). On an idle machine the two workers
+# pass at ~0.6 of one process's time per pass (B2: 0.25 vs 0.42 s), which pays for the
+# cluster's ~3 s start at ~20 M points over a fit's ~10 passes; 16 M is the largest size
+# measured faster in process. Memory in process: the padded tiles, (4 + 8/n_phi) bytes
+# per point plus the edge tiles' padding, and one q's whole map while its tiles are made
+# (8 bytes per point): at most ~20 bytes per point (n_phi = 1), about 0.35 GB at this
+# limit (0.2 GB at 8 phi), plus one tile's kernel workspace.
+IN_PROCESS_MAX_POINTS = 16_000_000
 
 
 def choose_in_process(in_process, n_points: int, *, client=None, scheduler=None, cluster=None) -> tuple[bool, str]:
@@ -186,7 +198,7 @@ def _evaluator(local: bool, input, cfg, plan, progress, client, scheduler, clust
     """Yield the fit's evaluator (tiles loaded) and where it runs (fit.json's
     ``provenance.cluster``): in process, or on the client :func:`dask_client` gives."""
     if local:
-        evaluator = InProcessEvaluator(plan.specs, plan.layout, cfg.mode, plan.L)
+        evaluator = InProcessEvaluator(load_tiles(plan.ds, plan.specs), plan.layout, cfg.mode, plan.L)
         say(progress, f"xpcsfit: {evaluator.n_tiles} tiles loaded in process ({evaluator.tile_bytes / 2**20:.0f} MiB)")
         try:
             yield evaluator, "in process"
