@@ -15,7 +15,7 @@ bounds, solver) and the selection of :class:`BatchSettings`::
     q_index: [3, 8]       # or: all (the default) — the q of the file's grid to fit
     joint: false          # true: one fit of all selected q together, else one per q
     frames: [1, 400]      # inclusive 0-based frame range; default 1 .. T-1
-    in_process_max_points: 20000000   # where each fit runs (see BatchSettings)
+    in_process_max_points: 16000000   # where each fit runs (see BatchSettings)
 
 The merged mapping is validated once, as a whole (a key may be checked against another
 set in a farther file, e.g. ``initial.D0`` against ``bounds.D0``); an error is one line
@@ -33,12 +33,13 @@ from pydantic import BeforeValidator, Field, StrictBool, ValidationError, field_
 
 from xpcsfit.config import Count, FitConfig, read_yaml_mapping, validation_message
 from xpcsfit.errors import ConfigError
+from xpcsfit.leastsq.driver import IN_PROCESS_MAX_POINTS as DRIVER_IN_PROCESS_MAX_POINTS
 
 SETTINGS_FILE = "xpcsfit.yaml"
-# The largest unit (fitted points) that runs whole in one worker task by default: its
-# c2 (8 B a point) and the kernel's work arrays stay well inside a worker's memory, and
+# The largest unit (fitted points) that runs whole in one worker task by default: fit's
+# own in-process limit (its tiles, ≤ 12 B a point, stay well inside a worker's memory);
 # a batch keeps every worker busy with whole fits (see README "Batch").
-IN_PROCESS_MAX_POINTS = 20_000_000
+IN_PROCESS_MAX_POINTS = DRIVER_IN_PROCESS_MAX_POINTS
 
 
 def _q_index(value):
