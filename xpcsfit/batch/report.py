@@ -34,6 +34,8 @@ tr.converged td.status { background: #dff0d8; }
 tr.not-converged td.status, tr.interrupted td.status, tr.running td.status { background: #fcf8e3; }
 tr.failed td.status { background: #f2dede; }
 img { width: 180px; }
+td.warnings { max-width: 24em; font-size: 0.85em; }
+summary { cursor: pointer; white-space: nowrap; }
 """
 
 COLUMNS = ("status", "input", "q index", "q (1/Å)", "mode",
@@ -120,7 +122,10 @@ def _row(row: dict, base: Path) -> str:
     cells.append(_cell(_value(row.get("phi0"), row.get("phi0_stderr")) if done else "", "num"))
     cells.append(_cell(_value(row.get("reduced_chi2")) if done else "", "num"))
     warnings = row.get("warnings") or []
-    cells.append("<td>" + "".join(f"<div>{html.escape(w)}</div>" for w in warnings) + "</td>" if done else "<td></td>")
+    # folded (a fit may carry several long warnings): the table stays readable, a click opens them
+    listed = "".join(f"<div>{html.escape(w)}</div>" for w in warnings)
+    folded = f"<details><summary>{len(warnings)} warning{'s' * (len(warnings) != 1)}</summary>{listed}</details>"
+    cells.append(f'<td class="warnings">{folded if warnings else ""}</td>' if done else "<td></td>")
     result = row.get("result_path") if done else None
     if result:
         href = quote(_relative(result, base))
