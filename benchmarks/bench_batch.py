@@ -10,7 +10,7 @@
   each worker process's ru_maxrss at the end.
 - peer: ``xpcsfit fit FILE --out DIR`` once per file, one after the other (each fits the
   file's three q together, in process: the CLI's choice for 3 M points); wall time of all
-  16; median seconds per command; peak memory is the largest child's ru_maxrss.
+  16; median seconds per command; peak memory is the largest command's ru_maxrss.
 
     python benchmarks/bench_batch.py [--files 16] [--frames 500] [--workers 2]
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sqlite3
 import statistics
 import subprocess
@@ -77,17 +76,20 @@ def main() -> None:
     n_fits = len(per_fit)
     print(f"batch: {out['counts']} in {batch_wall:.1f} s; {uptime()}", flush=True)
 
-    peer_times = []
+    peer_times, peer_peak = [], 0
     started = time.perf_counter()
     for i, f in enumerate(files):
         t0 = time.perf_counter()
-        q = subprocess.run([sys.executable, "-m", "xpcsfit.cli", "fit", str(f), "--gap", "2.0e6",
-                            "--out", str(base / "peer" / f"run{i:02d}_fit")], capture_output=True, text=True)
+        q = subprocess.Popen([sys.executable, "-m", "xpcsfit.cli", "fit", str(f), "--gap", "2.0e6",
+                              "--out", str(base / "peer" / f"run{i:02d}_fit")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        err = q.stderr.read()
+        _, status, usage = os.wait4(q.pid, 0)  # this command's own rusage (peak RSS in KiB)
         peer_times.append(time.perf_counter() - t0)
-        if q.returncode not in (0, 4):
-            sys.exit(f"bench_batch: xpcsfit fit {f} failed: {q.stderr.strip()[-1000:]}")
+        peer_peak = max(peer_peak, usage.ru_maxrss)
+        if os.waitstatus_to_exitcode(status) not in (0, 4):
+            sys.exit(f"bench_batch: xpcsfit fit {f} failed: {err.decode().strip()[-1000:]}")
     peer_wall = time.perf_counter() - started
-    peer_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, largest child (Linux)
     print(f"peer: {len(files)} commands in {peer_wall:.1f} s; {uptime()}", flush=True)
 
     rows = [
