@@ -6,6 +6,8 @@ Public API (everything else is private and may move):
 - :func:`open_dataset` — a lazy xarray view of two-time maps.
 - :func:`ingest` — write a Zarr store aligned to angle strata.
 - :func:`cmc` — posterior by Consensus Monte Carlo, NUTS shards on Dask.
+- :func:`batch` — fit every result file under directories on one cluster (``xpcsfit
+  batch``); :func:`catalogue` — its results catalogue as a pandas DataFrame.
 - :func:`enable_float64` — switch JAX to float64 in this process (see below).
 - :class:`FitResult`, :class:`CMCResult`, :class:`FitConfig`, and the errors.
 
@@ -18,6 +20,10 @@ it yourself before using ``xpcsfit.model`` directly.
 
 __version__ = "0.1.0"
 
+# xpcsfit.batch and xpcsfit.catalogue are the functions (as xpcsfit.cmc): the packages
+# are reached as ``from xpcsfit.batch import run, catalogue``.
+from xpcsfit.batch.catalogue import catalogue
+from xpcsfit.batch.run import batch
 from xpcsfit.cmc.driver import cmc
 from xpcsfit.cmc.results import CMCResult
 from xpcsfit.config import FitConfig, load_config
@@ -38,6 +44,8 @@ __all__ = [
     "InputError",
     "SamplingError",
     "XpcsfitError",
+    "batch",
+    "catalogue",
     "cmc",
     "enable_float64",
     "fit",

@@ -1,8 +1,9 @@
-"""The ``xpcsfit`` command: one parser for fit, cmc, ingest, simulate, certs and results.
+"""The ``xpcsfit`` command: one parser for fit, cmc, ingest, simulate, certs, batch and results.
 
 Every :class:`~xpcsfit.XpcsfitError` ends as one line on stderr and a non-zero exit
 code (2 input, 3 configuration, 5 sampling); a traceback means a bug in xpcsfit. A fit
-that stops unconverged exits 4, a CMC run with a shard failing its diagnostics 5.
+that stops unconverged exits 4, a CMC run with a shard failing its diagnostics 5, a
+batch run in which some fit failed or did not converge 6 (:data:`xpcsfit.errors.EXIT_INCOMPLETE`).
 """
 
 from __future__ import annotations
@@ -211,6 +212,45 @@ def _run_certs(args) -> int:
     return 0
 
 
+def _batch_parser(sub):
+    p = sub.add_parser(
+        "batch", help="fit every two-time result file under ROOT(s) on one cluster; catalogue and report",
+        description="Fit every unit (file x q) under the ROOTs that has no current result, many at once on "
+                    "one Dask cluster; record each attempt in the catalogue (<out-root or first ROOT>/"
+                    "xpcsfit.sqlite) and rewrite its report (index.html beside it). An xpcsfit.yaml in a "
+                    "directory sets the fit settings of the files below it. Exit status: 0 every fit "
+                    "converged, 6 some fit failed or did not converge (or a damaged file or bad setting "
+                    "kept a file from being fitted), 2/3 bad input or option.")
+    p.add_argument("roots", nargs="+", metavar="ROOT", help="directory searched recursively, or a file")
+    p.add_argument("--glob", metavar="PATTERN",
+                   help="file name pattern, or with / a pattern on the path below ROOT (default *.hdf *.h5 *.hdf5 *.nxs)")
+    p.add_argument("--config", metavar="FILE", help="YAML settings under every xpcsfit.yaml (nearest wins)")
+    p.add_argument("--out-root", metavar="DIR",
+                   help="result directories under DIR, mirroring each ROOT (default: beside each input)")
+    _add_where(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan (fit or skip each unit, and why); fit nothing")
+    p.add_argument("--force", action="store_true", help="fit every unit again, even with a current result")
+    p.add_argument("--watch", action="store_true",
+                   help="then keep watching the ROOTs and fit each new or changed file once complete; SIGTERM stops")
+    p.add_argument("--settle", type=float, metavar="SECONDS",
+                   help="with --watch: seconds a file's size and mtime must stay unchanged (default 10)")
+    p.add_argument("--poll", action="store_true",
+                   help="with --watch: poll instead of change events (network filesystems)")
+
+
+def _run_batch(args) -> int:
+    from xpcsfit.batch.run import batch
+
+    if not args.watch and (args.settle is not None or args.poll):
+        from xpcsfit.errors import ConfigError
+
+        raise ConfigError("--settle and --poll go with --watch")
+    summary = batch(args.roots, pattern=args.glob, config=args.config, out_root=args.out_root,
+                    scheduler=args.scheduler, cluster=args.cluster, dry_run=args.dry_run, force=args.force,
+                    watch=args.watch, settle=10.0 if args.settle is None else args.settle, poll=args.poll)
+    return summary.exit_code
+
+
 def _results_parser(sub):
     p = sub.add_parser("results", help="query the results catalogue of xpcsfit batch runs")
     p.add_argument("db", nargs="?", default="xpcsfit.sqlite",
@@ -237,12 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     _ingest_parser(sub)
     _simulate_parser(sub)
     _certs_parser(sub)
+    _batch_parser(sub)
     _results_parser(sub)
     return parser
 
 
 _RUNNERS = {"fit": _run_fit, "ingest": _run_ingest, "simulate": _run_simulate, "cmc": _run_cmc,
-            "certs": _run_certs, "results": _run_results}
+            "certs": _run_certs, "batch": _run_batch, "results": _run_results}
 
 
 def main(argv=None) -> int:

@@ -2,7 +2,15 @@
 
 The CLI turns every :class:`XpcsfitError` into a one-line message and a non-zero
 exit code; anything else is a bug and keeps its traceback.
+
+Exit codes: 1 other xpcsfit error, 2 bad input file, 3 bad option or configuration,
+4 a fit did not converge, 5 CMC diagnostics failed (or every shard failed),
+:data:`EXIT_INCOMPLETE` (6) an ``xpcsfit batch`` run in which some fit failed or did not
+converge, or a damaged file or bad setting kept a file from being fitted.
 """
+
+# xpcsfit batch: the run went through, and some of its fits need a look (see README "Batch").
+EXIT_INCOMPLETE = 6
 
 
 class XpcsfitError(Exception):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,27 +110,53 @@ def test_one_writer_and_interrupted_attempts(tmp_path):
 def test_schema_version_and_migration(tmp_path, monkeypatch):
     path = tmp_path / "xpcsfit.sqlite"
     Catalogue(path, write=True).close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 1
-    step = SCHEMA_VERSION + 1
+    v = SCHEMA_VERSION
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == v == 2
+    step = v + 1
     monkeypatch.setattr(catmod, "MIGRATIONS", {**catmod.MIGRATIONS, step: "ALTER TABLE results ADD COLUMN note TEXT"})
     monkeypatch.setattr(catmod, "SCHEMA_VERSION", step)
-    with pytest.raises(InputError, match=rf"schema 1, this xpcsfit reads {step}; the next xpcsfit batch run migrates it"):
+    with pytest.raises(InputError, match=rf"schema {v}, this xpcsfit reads {step}; the next xpcsfit batch run migrates it"):
         Catalogue(path)
     with Catalogue(path, write=True) as cat:
         assert "note" in cat.columns("results")
-    monkeypatch.setattr(catmod, "SCHEMA_VERSION", 1)
-    with pytest.raises(InputError, match=rf"catalogue schema {step} is newer than this xpcsfit reads \(1\)"):
+    monkeypatch.setattr(catmod, "SCHEMA_VERSION", v)
+    with pytest.raises(InputError, match=rf"catalogue schema {step} is newer than this xpcsfit reads \({v}\)"):
         Catalogue(path)
     # a failing migration leaves the previous schema
     bad = tmp_path / "bad.sqlite"
     Catalogue(bad, write=True).close()
-    monkeypatch.setattr(catmod, "MIGRATIONS", {**catmod.MIGRATIONS, 2: "ALTER TABLE results ADD COLUMN x; SELECT nope"})
-    monkeypatch.setattr(catmod, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(catmod, "MIGRATIONS", {**catmod.MIGRATIONS, step: "ALTER TABLE results ADD COLUMN x; SELECT nope"})
+    monkeypatch.setattr(catmod, "SCHEMA_VERSION", step)
     with pytest.raises(InputError, match="not an xpcsfit catalogue"):
         Catalogue(bad, write=True)
     db = sqlite3.connect(bad)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == v
     assert "x" not in [r[1] for r in db.execute("PRAGMA table_info(results)")]
+
+
+def test_schema_1_gains_the_hash_cache_and_keeps_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / "xpcsfit.sqlite"
+    monkeypatch.setattr(catmod, "SCHEMA_VERSION", 1)
+    with Catalogue(path, write=True) as cat:
+        cat.begin(**UNIT)
+    monkeypatch.undo()
+    with Catalogue(path, write=True) as cat:
+        assert "sha256" in cat.columns("hashes") and len(cat.attempts()) == 1
+
+
+def test_sha256_read_again_only_when_size_or_mtime_change(tmp_path, monkeypatch):
+    data = tmp_path / "a.hdf"
+    data.write_bytes(b"x" * 1000)
+    reads = []
+    monkeypatch.setattr(catmod, "sha256_file", lambda p: reads.append(p) or hashlib.sha256(Path(p).read_bytes()).hexdigest())
+    with Catalogue(tmp_path / "xpcsfit.sqlite", write=True) as cat:
+        first = cat.sha256(data)
+        assert cat.sha256(data) == first and len(reads) == 1
+    with Catalogue(tmp_path / "xpcsfit.sqlite", write=True) as cat:  # kept across runs
+        assert cat.sha256(data) == first and len(reads) == 1
+        data.write_bytes(b"y" * 1000)  # same size, a new mtime
+        os.utime(data, ns=(1, 10**18))
+        assert cat.sha256(data) == hashlib.sha256(b"y" * 1000).hexdigest() != first and len(reads) == 2
 
 
 def test_not_a_catalogue(tmp_path):

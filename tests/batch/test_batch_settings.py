@@ -58,7 +58,7 @@ def test_directories_above_root_do_not_apply(tree):
     ("frames: [0, 9]\n", r"s1/xpcsfit.yaml: frames: need 1 <= first < last"),
     ("q_index: [a]\n", r"s1/xpcsfit.yaml: q_index: expected all"),
     ("joint: 1\n", r"s1/xpcsfit.yaml: joint: .*\(got 1\)"),
-    ("modee: static\n", r"s1/xpcsfit.yaml: modee: unknown key \(known: .*q_index, joint, frames\)"),
+    ("modee: static\n", r"s1/xpcsfit.yaml: modee: unknown key \(known: .*q_index, joint, frames, in_process_max_points\)"),
     ("solver: {ftol: 2}\n", r"s1/xpcsfit.yaml: solver.ftol: .*\(got 2\)"),
     ("gap: [1\n", r"s1/xpcsfit.yaml: line \d+, column \d+: not valid YAML"),
 ])
@@ -85,3 +85,12 @@ def test_each_file_read_once_per_cascade(tree):
 
 def test_merge():
     assert merge({"a": {"x": 1, "y": 2}, "b": 1}, {"a": {"y": 3}, "b": None}) == {"a": {"x": 1, "y": 3}, "b": None}
+
+
+def test_in_process_max_points_is_validated_and_not_a_fit_setting(tree):
+    write(tree / "s1", "in_process_max_points: 0\n")
+    s = SettingsCascade().resolve(tree / "s1" / "x.hdf", tree).settings
+    assert s.in_process_max_points == 0 and "in_process_max_points" not in s.fit_config().model_dump()
+    write(tree / "s1", "in_process_max_points: -1\n")
+    with pytest.raises(ConfigError, match=r"s1/xpcsfit.yaml: in_process_max_points: .*greater than or equal to 0"):
+        SettingsCascade().resolve(tree / "s1" / "x.hdf", tree)

@@ -16,6 +16,10 @@ Tables (schema :data:`SCHEMA_VERSION`, kept in ``PRAGMA user_version``):
     (``J_start``, ``J_stderr_start``, …; Å²/s and 1/s, 1-sigma, gamma_dot NULL in static
     mode); chi2, reduced_chi2, dof, converged (0/1), termination, warnings (JSON list),
     n_warnings, result_path, wall_time_s, ended_at.
+``hashes``, the sha256 of each input file seen (schema 2)
+    path, size, mtime_ns, sha256: a file whose size and mtime_ns are unchanged is not
+    read again (:meth:`Catalogue.sha256`), so a nightly run over a large tree reads only
+    the files that changed.
 
 Writing: :class:`Catalogue` opened for writing holds an exclusive lock on
 ``<file>.lock`` (one writer), puts the file in WAL mode (readers never block it nor it
@@ -31,6 +35,7 @@ Reading: :meth:`Catalogue.results` / :meth:`~Catalogue.attempts` / :meth:`~Catal
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from xpcsfit.errors import ConfigError, InputError, XpcsfitError
+from xpcsfit.io.hdf5 import sha256_file
 from xpcsfit.io.lockfile import LockHeld, release_lock, take_lock
 from xpcsfit.leastsq.results import FitResult, transport_bands
 from xpcsfit.parameters import MODES
@@ -70,8 +76,12 @@ CREATE TABLE results (
 );
 """
 
+_SCHEMA_2 = """
+CREATE TABLE hashes (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, sha256 TEXT NOT NULL);
+"""
+
 # MIGRATIONS[n] takes a catalogue at schema n - 1 to schema n (0: an empty file).
-MIGRATIONS: dict[int, str] = {1: _SCHEMA_1}
+MIGRATIONS: dict[int, str] = {1: _SCHEMA_1, 2: _SCHEMA_2}
 SCHEMA_VERSION = max(MIGRATIONS)
 
 
@@ -211,6 +221,38 @@ class Catalogue:
             self._db.execute(
                 "UPDATE attempts SET status = 'failed', error = ?, ended_at = ?, wall_time_s = ? WHERE id = ?",
                 (" ".join(str(error).split()), now(), _seconds_since(row["started_at"]), attempt))
+
+    def interrupt(self, attempt: int) -> None:
+        """Mark ``attempt`` interrupted (the run was stopped while it ran); its unit is redone."""
+        row = self._attempt(attempt)
+        with self._transaction():
+            self._db.execute(
+                "UPDATE attempts SET status = 'interrupted', ended_at = ?, wall_time_s = ? WHERE id = ?",
+                (now(), _seconds_since(row["started_at"]), attempt))
+
+    def sha256(self, path: str | Path) -> str:
+        """The sha256 of the file ``path``, read again only when its size or mtime changed.
+
+        The ``hashes`` row of ``path`` is used when its size and ``st_mtime_ns`` are the
+        file's now; otherwise the file is hashed (:func:`xpcsfit.io.hdf5.sha256_file`) and,
+        on a writer, the row replaced.
+
+        Raises
+        ------
+        OSError
+            The file cannot be read.
+        """
+        st = os.stat(path)
+        row = self._db.execute("SELECT size, mtime_ns, sha256 FROM hashes WHERE path = ?", (str(path),)).fetchone()
+        if row is not None and (row["size"], row["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            return row["sha256"]
+        digest = sha256_file(path)
+        after = os.stat(path)
+        if self.write and (after.st_size, after.st_mtime_ns) == (st.st_size, st.st_mtime_ns):  # not changed while read
+            with self._transaction():
+                self._db.execute("INSERT OR REPLACE INTO hashes (path, size, mtime_ns, sha256) VALUES (?, ?, ?, ?)",
+                                 (str(path), st.st_size, st.st_mtime_ns, digest))
+        return digest
 
     # ------------------------------------------------------------------ reading
 

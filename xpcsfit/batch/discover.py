@@ -76,7 +76,7 @@ class Discovery:
     skipped: list[Skipped]
 
 
-def discover(roots, pattern: str | None = None) -> Discovery:
+def discover(roots, pattern: str | None = None, only=None) -> Discovery:
     """Find the two-time result files under ``roots``.
 
     Parameters
@@ -90,6 +90,9 @@ def discover(roots, pattern: str | None = None) -> Discovery:
         depth); with one, against the path relative to its root, part by part (each
         ``/``-separated part of the pattern matches one level: ``"sample*/*.hdf"``). Default: any of
         :data:`DEFAULT_PATTERNS`. A ROOT given as a file is taken whatever its name.
+    only : collection of path, optional
+        Examine only these candidates (absolute paths, as reached from their ROOT);
+        the others are passed over unopened.
 
     Returns
     -------
@@ -103,8 +106,11 @@ def discover(roots, pattern: str | None = None) -> Discovery:
     if isinstance(roots, (str, os.PathLike)):
         roots = [roots]
     found, skipped, seen = [], [], set()
+    wanted = None if only is None else {Path(os.path.abspath(p)) for p in only}
     for root in roots:
         for path, base in _candidates(Path(root), pattern):
+            if wanted is not None and path not in wanted:
+                continue
             if path.resolve() in seen:
                 continue
             seen.add(path.resolve())
@@ -133,6 +139,15 @@ def _candidates(root: Path, pattern: str | None):
                 continue
             if _matches(path.relative_to(root).as_posix(), name, pattern):
                 yield path, root
+
+
+def is_candidate(path: Path, root: Path, pattern: str | None) -> bool:
+    """Whether ``path`` (absolute, at or below the absolute directory ``root``) is a file
+    :func:`discover` would examine: no hidden part below ``root``, and ``pattern`` matches."""
+    relative = path.relative_to(root)
+    if any(part.startswith(".") for part in relative.parts):
+        return False
+    return _matches(relative.as_posix(), path.name, pattern)
 
 
 def _matches(relative: str, name: str, pattern: str | None) -> bool:

@@ -98,7 +98,7 @@ def result_dir(unit: Unit, out_root: str | Path | None = None) -> Path:
 
 
 def make_plan(roots, *, pattern: str | None = None, config=None, out_root=None,
-              catalogue: Catalogue | None = None, force: bool = False) -> Plan:
+              catalogue: Catalogue | None = None, force: bool = False, only=None) -> Plan:
     """The plan of a batch run over ``roots``; fits nothing, writes nothing.
 
     Parameters
@@ -112,9 +112,13 @@ def make_plan(roots, *, pattern: str | None = None, config=None, out_root=None,
     out_root : str or Path, optional
         Where result directories go (default: beside each input).
     catalogue : Catalogue, optional
-        The catalogue of earlier runs; None: every unit is to fit.
+        The catalogue of earlier runs; None: every unit is to fit. Its sha256 cache
+        (:meth:`Catalogue.sha256`) spares re-reading unchanged inputs.
     force : bool
         Fit every unit, whatever the catalogue holds.
+    only : collection of Path, optional
+        Plan these files only (absolute paths under ``roots``: ``--watch``'s new files),
+        with the settings and result directories they have as part of the tree.
 
     Returns
     -------
@@ -128,13 +132,13 @@ def make_plan(roots, *, pattern: str | None = None, config=None, out_root=None,
         The ``--config`` file cannot be read (a bad xpcsfit.yaml is an :data:`ERROR`
         step of each file below it, and the others go on).
     """
-    found = discover(roots, pattern)
+    found = discover(roots, pattern, only=only)
     cascade = SettingsCascade(config)
     steps: list[Step] = []
     for f in found.found:
         try:
             units = units_of(f, cascade.resolve(f.path, f.root))
-            sha = sha256_file(f.path)
+            sha = catalogue.sha256(f.path) if catalogue is not None else sha256_file(f.path)
         except ConfigError as exc:
             steps.append(Step(f.path, ERROR, str(exc)))
             continue

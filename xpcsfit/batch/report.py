@@ -5,7 +5,9 @@ of each (:meth:`xpcsfit.batch.catalogue.Catalogue.latest`): status, input, q, mo
 quantities the data determine — J(t) and gamma_dot(t) at the start, middle and end of
 the fitted window with their 1-sigma bands, phi0 — reduced χ², warnings, the error of a
 failed attempt, a link to the fit's directory and its ``transport.png`` as a thumbnail.
-Links are relative to the page, so the tree can be served or copied as it is. The page
+Below it, a second table lists the files found but not fitted (not two-time results,
+damaged results, bad settings) with their reason, when the run gives them. Links are
+relative to the page, so the tree can be served or copied as it is. The page
 is written atomically (:func:`xpcsfit.io.atomic.atomic_write_text`): a browser reloading
 it during a run sees the previous page or the new one.
 """
@@ -32,6 +34,8 @@ tr.converged td.status { background: #dff0d8; }
 tr.not-converged td.status, tr.interrupted td.status, tr.running td.status { background: #fcf8e3; }
 tr.failed td.status { background: #f2dede; }
 img { width: 180px; }
+td.warnings { max-width: 24em; font-size: 0.85em; }
+summary { cursor: pointer; white-space: nowrap; }
 """
 
 COLUMNS = ("status", "input", "q index", "q (1/Å)", "mode",
@@ -39,7 +43,8 @@ COLUMNS = ("status", "input", "q index", "q (1/Å)", "mode",
            "phi0 (deg)", "reduced χ²", "warnings", "result", "transport")
 
 
-def write_report(catalogue_path: str | Path, out: str | Path, *, title: str = "xpcsfit batch results") -> Path:
+def write_report(catalogue_path: str | Path, out: str | Path, *, title: str = "xpcsfit batch results",
+                 not_fitted=()) -> Path:
     """Write the report of a catalogue to ``out`` (an index.html), atomically.
 
     Parameters
@@ -50,6 +55,8 @@ def write_report(catalogue_path: str | Path, out: str | Path, *, title: str = "x
         The page to write; links and thumbnails are relative to its directory.
     title : str
         Heading and <title> of the page.
+    not_fitted : sequence of (path, reason)
+        Files of the run that have no fit, each with its one-line reason.
 
     Returns
     -------
@@ -66,11 +73,11 @@ def write_report(catalogue_path: str | Path, out: str | Path, *, title: str = "x
     with Catalogue(catalogue_path) as cat:
         rows = cat.latest()
     out = Path(out)
-    atomic_write_text(out, render(rows, out.parent.resolve(), title=title))
+    atomic_write_text(out, render(rows, out.parent.resolve(), title=title, not_fitted=not_fitted))
     return out
 
 
-def render(rows: list[dict], base: Path, *, title: str) -> str:
+def render(rows: list[dict], base: Path, *, title: str, not_fitted=()) -> str:
     """The page for ``rows`` (from :meth:`Catalogue.latest`), links relative to ``base``."""
     counts: dict[str, int] = {}
     for row in rows:
@@ -78,11 +85,17 @@ def render(rows: list[dict], base: Path, *, title: str) -> str:
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no fits yet"
     head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
     body = "\n".join(_row(row, base) for row in rows)
+    others = ""
+    if not_fitted:
+        lines = "\n".join(f'<tr class="not-fitted">{_cell(_relative(str(p), base))}{_cell(why)}</tr>'
+                          for p, why in not_fitted)
+        others = (f"<h2>Not fitted ({len(not_fitted)} files)</h2>\n<table class=\"not-fitted\">\n"
+                  f"<thead><tr><th>input</th><th>reason</th></tr></thead>\n<tbody>\n{lines}\n</tbody>\n</table>\n")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p>{len(rows)} fits: {html.escape(summary)}. Written {now()}.</p>\n"
-        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n</body></html>\n"
+        f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>\n{others}</body></html>\n"
     )
 
 
@@ -109,7 +122,10 @@ def _row(row: dict, base: Path) -> str:
     cells.append(_cell(_value(row.get("phi0"), row.get("phi0_stderr")) if done else "", "num"))
     cells.append(_cell(_value(row.get("reduced_chi2")) if done else "", "num"))
     warnings = row.get("warnings") or []
-    cells.append("<td>" + "".join(f"<div>{html.escape(w)}</div>" for w in warnings) + "</td>" if done else "<td></td>")
+    # folded (a fit may carry several long warnings): the table stays readable, a click opens them
+    listed = "".join(f"<div>{html.escape(w)}</div>" for w in warnings)
+    folded = f"<details><summary>{len(warnings)} warning{'s' * (len(warnings) != 1)}</summary>{listed}</details>"
+    cells.append(f'<td class="warnings">{folded if warnings else ""}</td>' if done else "<td></td>")
     result = row.get("result_path") if done else None
     if result:
         href = quote(_relative(result, base))

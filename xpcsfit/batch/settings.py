@@ -15,6 +15,7 @@ bounds, solver) and the selection of :class:`BatchSettings`::
     q_index: [3, 8]       # or: all (the default) — the q of the file's grid to fit
     joint: false          # true: one fit of all selected q together, else one per q
     frames: [1, 400]      # inclusive 0-based frame range; default 1 .. T-1
+    in_process_max_points: 16000000   # where each fit runs (see BatchSettings)
 
 The merged mapping is validated once, as a whole (a key may be checked against another
 set in a farther file, e.g. ``initial.D0`` against ``bounds.D0``); an error is one line
@@ -28,12 +29,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, StrictBool, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, StrictBool, ValidationError, field_validator
 
 from xpcsfit.config import Count, FitConfig, read_yaml_mapping, validation_message
 from xpcsfit.errors import ConfigError
+from xpcsfit.leastsq.driver import IN_PROCESS_MAX_POINTS as DRIVER_IN_PROCESS_MAX_POINTS
 
 SETTINGS_FILE = "xpcsfit.yaml"
+# The largest unit (fitted points) that runs whole in one worker task by default: fit's
+# own in-process limit (its tiles, ≤ 12 B a point, stay well inside a worker's memory);
+# a batch keeps every worker busy with whole fits (see README "Batch").
+IN_PROCESS_MAX_POINTS = DRIVER_IN_PROCESS_MAX_POINTS
 
 
 def _q_index(value):
@@ -60,11 +66,18 @@ class BatchSettings(FitConfig):
         per q.
     frames : (int, int) or None
         Inclusive 0-based frame range (A, B), 1 <= A < B; None: 1 .. T-1.
+    in_process_max_points : int
+        A unit of at most this many fitted points runs whole inside one worker task
+        (``fit(in_process=True)``: no scheduler round trip per data pass); a larger one
+        fans its tile tasks out over the workers (``in_process=False``). 0: fan every
+        unit out. Where a fit runs does not change its result, so this key is not part
+        of the fingerprint. Default :data:`IN_PROCESS_MAX_POINTS`.
     """
 
     q_index: Annotated[Any, BeforeValidator(_q_index)] = "all"
     joint: StrictBool = False
     frames: tuple[Count, Count] | None = None
+    in_process_max_points: Count = Field(IN_PROCESS_MAX_POINTS, ge=0)
 
     @field_validator("frames")
     @classmethod

@@ -34,6 +34,9 @@ class Unit:
     settings : BatchSettings
     sources : tuple of str
         The files the settings were merged from (see :class:`Resolved`).
+    n_points : int
+        Fitted points (t2 > t1, every phi with a map, every q of the unit): the size the
+        batch runner places the fit by (one worker task, or its tiles fanned out).
     """
 
     path: Path
@@ -44,6 +47,7 @@ class Unit:
     frames: tuple[int, int]
     settings: BatchSettings
     sources: tuple[str, ...]
+    n_points: int = 0
 
     @property
     def label(self) -> str:
@@ -94,8 +98,9 @@ def units_of(found: Found, resolved: Resolved) -> list[Unit]:
     if frames[1] > info.n_frames - 1:
         raise ConfigError(f"{where}: frames {list(frames)} ends beyond the last frame {info.n_frames - 1}")
     groups = [tuple(chosen)] if s.joint else [(i,) for i in chosen]
+    pairs = (frames[1] - frames[0] + 1) * (frames[1] - frames[0]) // 2
     return [
         Unit(found.path, found.root, info.layout, g, tuple(float(info.q_grid[i]) for i in g),
-             frames, s, resolved.sources)
+             frames, s, resolved.sources, pairs * sum(iq in g for iq, _ in info.maps))
         for g in groups
     ]
