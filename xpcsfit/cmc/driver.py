@@ -3,7 +3,7 @@
 Pipeline: options -> plan (selection, shards, tiles; before any cluster starts) ->
 least-squares fit (or ``from_fit``) -> one pass over the tiles (the evaluator's
 ``map_tiles``: residual variance per bin and correlated-noise inflation,
-:mod:`xpcsfit.cmc.noise`, and each tile's lattice points) -> K angle-complete shards,
+:mod:`xpcsfit.noise`, and each tile's lattice points) -> K angle-complete shards,
 each one NumPyro NUTS task (``client.submit``, retried; :mod:`xpcsfit.cmc.shard`) ->
 consensus combination and diagnostics (:mod:`xpcsfit.cmc.combine`) -> summary and
 DIR/posterior.zarr, summary.json, PNGs (:mod:`xpcsfit.cmc.results`).
@@ -16,7 +16,7 @@ What the posterior conditions on, and assumes:
   least-squares residuals (fixed, not sampled) and multiplied by the variance-inflation
   factor of the residual autocorrelation of each q (two-time noise is correlated along
   rows and columns; without it the posterior would be as falsely narrow as naive
-  least-squares errors; :mod:`xpcsfit.cmc.noise`);
+  least-squares errors; :mod:`xpcsfit.noise`);
 - per-bin contrast and offset integrated out analytically (flat prior), per shard
   (:mod:`xpcsfit.cmc.likelihood`);
 - weakly informative priors inside the bounds, placed on NUTS's sampling coordinates
@@ -49,7 +49,6 @@ import time
 import numpy as np
 
 from xpcsfit.cmc import combine as comb
-from xpcsfit.cmc.noise import MAX_LAG, noise_model, tile_noise_sums
 from xpcsfit.cmc.plan import (
     CMCRun,
     InitialFit,
@@ -77,6 +76,7 @@ from xpcsfit.io.result_dir import claim_result_directory
 from xpcsfit.leastsq.driver import fit
 from xpcsfit.leastsq.results import FitResult
 from xpcsfit.model import enable_float64
+from xpcsfit.noise import MAX_LAG, noise_model, tile_noise_sums
 from xpcsfit.progress import say
 
 PROGRESS_EVERY_S = 15.0

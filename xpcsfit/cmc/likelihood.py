@@ -2,7 +2,7 @@
 
     c2 = offset_k + contrast_k·G(θ) + e with e ~ Normal(0, var_k), one var_k per (q, phi)
     bin, fixed: the least-squares residual variance times an inflation factor for the
-    correlated noise (see :mod:`xpcsfit.cmc.noise`). contrast_k and offset_k enter
+    correlated noise (see :mod:`xpcsfit.noise`). contrast_k and offset_k enter
     linearly and are integrated out analytically under a flat prior; per bin this leaves
 
         log L_k(θ) = -RSS_k(θ) / (2 var_k) - ½ log det M_k(θ) + const,

@@ -111,7 +111,7 @@ class Plan:
 class CMCRun:
     """A plan as it ran: everything :mod:`xpcsfit.cmc.results` records besides the draws.
 
-    ``noise`` is :func:`xpcsfit.cmc.noise.noise_model`'s dict; ``combine`` the method.
+    ``noise`` is :func:`xpcsfit.noise.noise_model`'s dict; ``combine`` the method.
     """
 
     plan: Plan

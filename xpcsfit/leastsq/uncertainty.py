@@ -33,7 +33,7 @@ M ≈ Σ_q κ_q H_q with the inflation
 ρ_q the residual autocorrelation at lags (a, b) frames of q's bins (pooled over them):
 the magnitude adjustment of a likelihood that ignores the correlation (Ribatet, Cooley &
 Davison 2012, Stat. Sinica 22, 813, Sect. 3; Chandler & Bate 2007), the inflation the CMC
-uses too (:mod:`xpcsfit.cmc.noise`: ρ from per-tile FFTs of the residuals, window
+uses too (:mod:`xpcsfit.noise`: ρ from per-tile FFTs of the residuals, window
 4 correlation lengths, at most 64 frames). Then
 
     V = H⁻¹ (Σ_q κ_q H_q) H⁻¹ · χ²/(n − P),
@@ -57,6 +57,7 @@ import numpy as np
 
 from xpcsfit.engine.kernel import tile_block_sums
 from xpcsfit.leastsq.results import covariance_from_normal_equations
+from xpcsfit.noise import noise_model, tile_noise_sums
 
 # Residual autocorrelation lags (frames) the inflation may sum over (the CMC's limit).
 MAX_LAG = 64
@@ -93,10 +94,9 @@ def noise_levels(sums: np.ndarray, counts: np.ndarray, squares: np.ndarray) -> n
 
 def tile_inflation_sums(tile, x, layout, mode: str, L: float, bin_weight, max_lag: int) -> tuple:
     """Worker task of the covariance pass: (q position, residual lag sums of
-    :func:`xpcsfit.cmc.noise.tile_noise_sums`, the tile's weighted
+    :func:`xpcsfit.noise.tile_noise_sums`, the tile's weighted
     :func:`~xpcsfit.engine.kernel.tile_block_sums` — None for a fit of one q, whose H_q
     is the solver's H) at the optimum x."""
-    from xpcsfit.cmc.noise import tile_noise_sums
 
     per_q = tile_block_sums(tile, x, layout, mode, L, bin_weight) if layout.n_q > 1 else None
     return tile.index[0], tile_noise_sums(tile, x, layout, mode, L, max_lag), per_q
@@ -105,7 +105,6 @@ def tile_inflation_sums(tile, x, layout, mode: str, L: float, bin_weight, max_la
 def inflation(per_tile: list, n_q: int, n_bins: int, max_lag: int) -> tuple[np.ndarray, list, dict]:
     """κ_q (n_q,), the summed block sums of each q, and the CMC noise record, from the
     :func:`tile_inflation_sums` of every tile."""
-    from xpcsfit.cmc.noise import noise_model
 
     record = noise_model([n for _, n, _ in per_tile], n_q, n_bins, 1, max_lag)
     by_q = [None] * n_q

@@ -1,4 +1,6 @@
-"""Noise scale of the CMC likelihood: per-bin variance and a correlated-noise inflation.
+"""The correlated noise of two-time maps: per-bin variance and a correlated-noise inflation,
+shared by the least-squares covariance (:mod:`xpcsfit.leastsq.uncertainty`) and the CMC
+likelihood (:mod:`xpcsfit.cmc.likelihood`).
 
 Two-time maps have strongly correlated noise: every c2(t1, t2) of a row shares the
 speckle pattern of frame t1, so residuals along rows and columns are correlated over
@@ -16,7 +18,7 @@ Here, from the least-squares residuals r at the fit's optimum (one task per tile
   thinning stride) with |a|, |b| <= W, W = 4 correlation lengths (the lag where the row
   and column autocorrelation has fallen by 1/e), at most 64 frames.
 
-The likelihood then uses var_k · kappa_q. This is the "magnitude adjustment" of a
+The CMC likelihood then uses var_k · kappa_q; the least-squares covariance inflates by kappa_q. This is the "magnitude adjustment" of a
 likelihood that ignores correlation (Ribatet, Cooley & Davison, Stat. Sinica 22, 2012):
 exact for the posterior variance of a mean, conservative (slightly too wide) for
 parameters whose sensitivity varies over the correlation length. It is a first-order

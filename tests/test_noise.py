@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import xpcsfit
-from xpcsfit.cmc.noise import noise_model, tile_noise_sums
 from xpcsfit.engine.kernel import ParameterLayout, tile_model
 from xpcsfit.engine.tiles import plan_tiles
+from xpcsfit.noise import noise_model, tile_noise_sums
 from xpcsfit.parameters import MODES
 
 MAX_LAG = 16
