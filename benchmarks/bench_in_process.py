@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--input", type=Path, help="fit this file instead of simulated ones")
     parser.add_argument("--mode", default="laminar_flow")
     args = parser.parse_args()
-    from xpcsfit.leastsq.driver import IN_PROCESS_MAX_POINTS
+    from xpcsfit.leastsq.placement import IN_PROCESS_MAX_POINTS
     from xpcsfit.simulate import simulate
 
     tmp = Path(tempfile.mkdtemp(prefix="xpcsfit-inproc-"))

@@ -1,7 +1,7 @@
 """What writing a fit's outputs costs: fit.json, fitted.zarr, the c2 heatmaps and
 transport.png, before and after issue 11's changes, in one run.
 
-For flow_small q index 8 (8 heatmaps) it times ``leastsq.driver._write`` — everything
+For flow_small q index 8 (8 heatmaps) it times ``leastsq.driver.write_result_directory`` (``_write`` in earlier revisions) — everything
 between the solver's end and the result directory's rename — in a warm fit (the
 kernels compiled, matplotlib imported), for this tree and for an earlier revision
 (``--before``, default the commit before issue 11's output changes), each in its own
@@ -34,10 +34,11 @@ from xpcsfit.leastsq import driver
 warnings.simplefilter("ignore")
 path, where = sys.argv[1], sys.argv[2]
 spent = []
-write = driver._write
+name = "write_result_directory" if hasattr(driver, "write_result_directory") else "_write"  # older trees
+write = getattr(driver, name)
 def timed(*a, **k):
     t = time.perf_counter(); write(*a, **k); spent.append(time.perf_counter() - t)
-driver._write = timed
+setattr(driver, name, timed)
 tmp = Path(tempfile.mkdtemp())
 def fits(**kw):
     totals = []

@@ -9,7 +9,7 @@ from data_paths import FLOW
 
 import xpcsfit
 from xpcsfit.errors import ConfigError
-from xpcsfit.leastsq.driver import IN_PROCESS_MAX_POINTS, choose_in_process
+from xpcsfit.leastsq.placement import IN_PROCESS_MAX_POINTS, choose_in_process
 
 pytestmark = pytest.mark.slow
 

@@ -29,11 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, StrictBool, ValidationError, field_validator
+from pydantic import (
+    BeforeValidator,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+)
 
 from xpcsfit.config import Count, FitConfig, read_yaml_mapping, validation_message
 from xpcsfit.errors import ConfigError
-from xpcsfit.leastsq.driver import IN_PROCESS_MAX_POINTS as DRIVER_IN_PROCESS_MAX_POINTS
+from xpcsfit.leastsq.placement import (
+    IN_PROCESS_MAX_POINTS as DRIVER_IN_PROCESS_MAX_POINTS,
+)
 
 SETTINGS_FILE = "xpcsfit.yaml"
 # The largest unit (fitted points) that runs whole in one worker task by default: fit's

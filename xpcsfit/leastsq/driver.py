@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,20 +10,17 @@ import numpy as np
 import xarray as xr
 
 from xpcsfit.config import FitConfig, load_config
-from xpcsfit.engine.cluster import dask_client
-from xpcsfit.engine.evaluator import DaskEvaluator, InProcessEvaluator, TileEvaluator
-from xpcsfit.engine.spans import span_label
+from xpcsfit.engine.evaluator import TileEvaluator
 from xpcsfit.engine.specs import load_cluster_spec
 from xpcsfit.engine.tiles import (
     DEFAULT_TILE,
     TileSpec,
     count_points,
-    load_tiles,
     plan_tiles,
 )
 from xpcsfit.errors import ConfigError
 from xpcsfit.io.dataset import open_dataset
-from xpcsfit.io.result_dir import claim_result_directory, result_manifest
+from xpcsfit.io.result_dir import claim_result_directory
 from xpcsfit.leastsq.checkpoint import Checkpoint, fingerprint
 from xpcsfit.leastsq.determined import (
     DriftLog,
@@ -34,34 +29,23 @@ from xpcsfit.leastsq.determined import (
     window_times,
 )
 from xpcsfit.leastsq.initial import initial_estimates
-from xpcsfit.leastsq.output import (
-    create_fitted_store,
-    cut_rows,
-    gather_g2_cuts,
-    tile_g2_cuts,
-    write_fitted_tile,
-    write_g2_cuts,
+from xpcsfit.leastsq.placement import (
+    choose_in_process,
+    fit_evaluator,
 )
 from xpcsfit.leastsq.results import (
     FitResult,
     correlation_warnings,
-    covariance_from_normal_equations,
     input_record,
     provenance_record,
     transport_bands,
 )
 from xpcsfit.leastsq.starts import best_start, draw_starts, run_starts, starts_record
 from xpcsfit.leastsq.uncertainty import (
-    INFLATED_METHOD,
-    MAX_LAG,
-    MISFIT_LIMIT,
-    NAIVE_METHOD,
-    NOISE_ESTIMATOR,
-    inflated_covariance,
-    inflation,
+    fit_covariance,
     noise_levels,
-    tile_inflation_sums,
 )
+from xpcsfit.leastsq.write import write_result_directory
 from xpcsfit.model import enable_float64
 from xpcsfit.parameters import (
     DEFAULT_INITIAL,
@@ -134,7 +118,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
         task it runs whole in that one task. False: on a cluster, chosen as ``client``
         says. None (default): in process when no client, scheduler or cluster is given,
         the call is not inside a Dask task, the process has no default Dask client, and
-        the selection has at most :data:`IN_PROCESS_MAX_POINTS` points; else on a
+        the selection has at most :data:`~xpcsfit.leastsq.placement.IN_PROCESS_MAX_POINTS` points; else on a
         cluster. The first progress line says which and why; fit.json records it
         (``provenance.cluster`` "in process").
 
@@ -162,7 +146,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
 
     # The output is claimed before the cluster starts: a refused --out costs nothing.
     with claim_result_directory(out) as target, \
-            _evaluator(local, input, cfg, plan, progress, client, scheduler, cluster) as (evaluator, where):
+            fit_evaluator(local, input, cfg, plan, progress, client, scheduler, cluster) as (evaluator, where):
         for stale in getattr(target, "removed_partials", ()):
             say(progress, f"xpcsfit: removed {stale.name}, left by an interrupted run")
         if plan.gap_defaulted:
@@ -173,88 +157,6 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     for w in result.warnings:
         say(progress, f"xpcsfit: warning: {w}")
     return result
-
-
-# The most points that ``fit(in_process=None)`` fits in process. Measured on the 2-core
-# development machine with benchmarks/bench_in_process.py (README "In process or on a
-# cluster"): the whole fit with --out, each in a fresh Python process, in process against a
-# fresh 2-worker LocalCluster, laminar_flow, 8 phi: in process was faster at every size
-# tried — 1.06× at 1.0 M points, 2.2× at 4.0 M, 2.9× at 9.0 M, 1.8× at 16.0 M (load
-# average 9-12 from other work on the machine). On an idle machine the two workers
-# pass at ~0.6 of one process's time per pass (B2: 0.25 vs 0.42 s), which pays for the
-# cluster's ~3 s start at ~20 M points over a fit's ~10 passes; 16 M is the largest size
-# measured faster in process. Memory in process: the padded tiles, (4 + 8/n_phi) bytes
-# per point plus the edge tiles' padding, and one q's whole map while its tiles are made
-# (8 bytes per point): at most ~20 bytes per point (n_phi = 1), about 0.35 GB at this
-# limit (0.2 GB at 8 phi), plus one tile's kernel workspace.
-IN_PROCESS_MAX_POINTS = 16_000_000
-
-
-def choose_in_process(in_process, n_points: int, *, client=None, scheduler=None, cluster=None) -> tuple[bool, str]:
-    """Whether a fit of ``n_points`` runs in process, and why (a phrase for its first line).
-
-    See :func:`fit`'s ``in_process``.
-
-    Raises
-    ------
-    ConfigError
-        ``in_process`` not True, False or None, or True with a client, scheduler or cluster.
-    """
-    given = next((name for name, v in (("client", client), ("scheduler", scheduler), ("cluster", cluster))
-                  if v is not None), None)
-    if in_process is True:
-        if given:
-            raise ConfigError(f"in_process=True and a {given}: the fit runs either in this process "
-                              "or on a cluster; give one, not both")
-        return True, "in process (in_process=True)"
-    if in_process is False:
-        return False, "on a Dask cluster (in_process=False)"
-    if in_process is not None:
-        raise ConfigError(f"in_process={in_process!r}: True, False or None (choose from the number of points)")
-    if given:
-        return False, f"on a Dask cluster (a {given} was given)"
-    from distributed import default_client, get_worker
-
-    try:
-        get_worker()
-        return False, "on the Dask cluster of the task it runs in (in_process=True runs it whole in the task)"
-    except ValueError:
-        pass
-    try:
-        default_client()
-        return False, "on the process's default Dask client"
-    except ValueError:
-        pass
-    if n_points > IN_PROCESS_MAX_POINTS:
-        return False, f"on a Dask cluster ({n_points:,} points > {IN_PROCESS_MAX_POINTS:,}, the in-process limit)"
-    return True, f"in process ({n_points:,} points ≤ {IN_PROCESS_MAX_POINTS:,} and no cluster or client given)"
-
-
-@contextlib.contextmanager
-def _evaluator(local: bool, input, cfg, plan, progress, client, scheduler, cluster):
-    """Yield the fit's evaluator (tiles loaded) and where it runs (fit.json's
-    ``provenance.cluster``): in process, or on the client :func:`dask_client` gives."""
-    if local:
-        evaluator = InProcessEvaluator(load_tiles(plan.ds, plan.specs), plan.layout, cfg.mode, plan.L)
-        say(progress, f"xpcsfit: {evaluator.n_tiles} tiles loaded in process ({evaluator.tile_bytes / 2**20:.0f} MiB)")
-        try:
-            yield evaluator, "in process"
-        finally:
-            evaluator.close()
-        return
-
-    def announce(c, what):
-        say(progress, f"xpcsfit: started {what}, dashboard {c.dashboard_link}")
-
-    with dask_client(client, scheduler, on_start=announce, cluster=cluster) as cl:
-        evaluator = DaskEvaluator(cl, plan.specs, plan.layout, cfg.mode, plan.L, storage=cfg.memory,
-                                  span=("xpcsfit fit", span_label(input, plan.ds["q"].values)))
-        say(progress, f"xpcsfit: tiles in {len(evaluator.parts)} parts on {evaluator.n_workers} workers, "
-                      f"memory {evaluator.storage} ({evaluator.tile_bytes / 2**20:.0f} MiB padded)")
-        try:
-            yield evaluator, f"{cl.scheduler.address} ({evaluator.n_workers} workers)"
-        finally:
-            evaluator.close()
 
 
 @dataclass(frozen=True)
@@ -314,7 +216,7 @@ def _run(evaluator: TileEvaluator, where: str, cfg, plan: _Plan, progress, targe
     if target is None:
         result.wall_time_s = time.perf_counter() - started
         return result
-    _write(target.partial, result, plan.ds, evaluator, plan.layout, cfg, plan.L, plan.size, started)
+    write_result_directory(target.partial, result, plan.ds, evaluator, plan.layout, cfg, plan.L, plan.size, started)
     target.commit()
     if checkpoint is not None:
         checkpoint.remove()
@@ -466,7 +368,7 @@ def _result(state: SolverState, termination: str, evaluator: TileEvaluator, ds, 
     dof = ne.n - P
     chi2 = 2.0 * ne.cost  # Σ w r², w = 1/σ² per bin
     try:
-        cov, warn, noise = _covariance(state, evaluator, ds, cfg, layout, chi2, dof)
+        cov, warn, noise = fit_covariance(state, evaluator, ds, cfg, layout, chi2, dof)
     except np.linalg.LinAlgError as exc:  # e.g. "Eigenvalues did not converge"
         cov, noise = np.full((P, P), np.nan), {}
         warn = [f"the covariance could not be computed ({exc}): standard errors and bands are NaN"]
@@ -496,37 +398,6 @@ def _result(state: SolverState, termination: str, evaluator: TileEvaluator, ds, 
         wall_time_s=float("nan"), transport=transport_bands(cfg.mode, theta, cov, np.linspace(t[0], t[-1], 200)),
         warnings=warn, x=state.x.copy(),
     )
-
-
-def _covariance(state, evaluator: TileEvaluator, ds, cfg, layout, chi2: float, dof: int):
-    """Covariance of the final x (the config's ``covariance``), its warnings, and the
-    ``noise`` record of fit.json (:mod:`xpcsfit.leastsq.uncertainty`). The inflated
-    covariance costs one pass over the tiles (residual autocorrelation and per-q normal
-    equations at x)."""
-    naive, warn = covariance_from_normal_equations(state.ne.jtj, chi2, dof)
-    weight = evaluator.bin_weight if evaluator.bin_weight is not None else np.ones(layout.n_bins)
-    _, sums = evaluator.last_block_sums
-    n_bin = sums.C[:, 1, 1] / weight
-    ratio = sums.rss / np.maximum(n_bin, 1)  # Σ w r² / n per bin (rss is weighted)
-    noise = {"estimator": NOISE_ESTIMATOR, "sigma": (weight ** -0.5).reshape(layout.n_q, layout.n_phi),
-             "reduced_chi2_per_bin": ratio.reshape(layout.n_q, layout.n_phi), "covariance_method": NAIVE_METHOD}
-    if chi2 / dof > MISFIT_LIMIT:
-        worst = int(np.argmax(ratio))
-        warn.append(f"model misfit: reduced chi2 = {chi2 / dof:.3g} > {MISFIT_LIMIT} (the residuals exceed the "
-                    f"noise level of the data; worst bin q index {worst // layout.n_phi}, phi index "
-                    f"{worst % layout.n_phi}: {ratio[worst]:.3g}); the uncertainties assume the model is right")
-    if cfg.covariance == "naive":
-        return naive, warn, noise
-    with evaluator.phase("covariance"):
-        per_tile = evaluator.map_tiles("covariance", tile_inflation_sums, state.x, layout, cfg.mode,
-                                       evaluator.L, evaluator.bin_weight, MAX_LAG)
-    kappa, by_q, record = inflation(per_tile, layout.n_q, layout.n_bins, MAX_LAG)
-    by_q = [b.normal_equations().jtj for b in by_q] if layout.n_q > 1 else []
-    cov = inflated_covariance(state.ne.jtj, by_q, kappa, chi2 / dof)
-    noise |= {"covariance_method": INFLATED_METHOD, "kappa": kappa.tolist(),
-              "correlation_length_frames": record["correlation_length"].tolist(),
-              "lag_window_frames": record["window"].tolist()}
-    return cov, warn, noise
 
 
 def check_determinable(source, ds, n_points: int, layout: ParameterLayout) -> None:
@@ -565,76 +436,3 @@ def _resume(solver, evaluator, saved: dict, checkpoint, progress) -> tuple[Solve
         say(progress, f"xpcsfit: note: the cost at the saved x is now {state.ne.cost!r}, saved "
                        f"{saved['cost']!r}; the continued trajectory may differ in the last digits")
     return state, {"iteration": state.iteration, "data_passes": before, "checkpoint": str(checkpoint.path)}
-
-
-def _write(tmp, result, ds, evaluator, layout, cfg, L, size, started):
-    """Write fit.json, fitted.zarr and the PNGs into the partial result directory ``tmp``.
-
-    One pass over the tiles on the workers writes fitted.zarr and sends back only the
-    points of the heatmap grid (every ``stride_for(T)``-th frame, at most MAX_PIXELS
-    across), so neither the input nor fitted.zarr is read again, and the driver holds
-    about 2 × n_q × n_phi × MAX_PIXELS² float32 whatever the number of frames.
-    """
-    from xpcsfit.leastsq.plots import (
-        g2_cuts_png,
-        heatmap_png,
-        stride_for,
-        transport_png,
-    )
-
-    t = ds["t1"].values
-    first = int(ds.attrs["frames"][0])
-    lead = first % size  # fitted.zarr starts at an aligned frame: its chunks are the tiles
-    t_out = (np.arange(-lead, t.size) + first) * float(ds.attrs["dt"])
-    s = stride_for(t.size)
-    m = len(range(0, t.size, s))
-    store = tmp / "fitted.zarr"
-    create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
-    with evaluator.phase("write outputs"):
-        rows = cut_rows(t.size)
-        samples = evaluator.map_tiles("write-outputs", _write_tile, result.x, layout, cfg.mode, L, str(store),
-                                      lead, s, rows)
-    cuts = gather_g2_cuts([c for *_, c in samples], evaluator.bin_starts, layout.n_q, layout.n_phi, rows.size,
-                          t.size)
-    lags = np.arange(t.size) * float(ds.attrs["dt"])
-    write_g2_cuts(store, t[rows], lags, *cuts)
-    g2_cuts_png(tmp / "g2_cuts.png", lags, t[rows], *cuts, result.q)
-    data = np.full((layout.n_q, layout.n_phi, m, m), np.nan, np.float32)
-    model = np.full_like(data, np.nan)
-    while samples:  # pop: each sample is freed once copied into the grids
-        iq, g1, g2, d, f, _ = samples.pop()
-        n1, n2 = d.shape[1:]
-        data[iq, :, g1 : g1 + n1, g2 : g2 + n2] = d
-        model[iq, :, g1 : g1 + n1, g2 : g2 + n2] = f
-    for iq, qv in enumerate(result.q):
-        for ip, pv in enumerate(result.phi):
-            heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data[iq, ip], model[iq, ip],
-                        f"q = {qv:.5g} 1/Å, phi = {pv:.4g}°")
-    transport_png(tmp / "transport.png", result.transport, cfg.mode)
-    result.wall_time_s = time.perf_counter() - started
-    record = result.to_dict() | {"files": result_manifest(tmp)}
-    (tmp / "fit.json").write_text(json.dumps(record, indent=1, allow_nan=True))
-
-
-def _write_tile(tile, x, layout, mode, L, path, lead, stride, cut_rows):
-    """Worker task: write one tile's fitted.zarr chunks, return its heatmap-grid points
-    and its part of the g2(τ) cuts at the dataset rows ``cut_rows``.
-
-    The heatmap grid is dataset frames 0, stride, 2·stride, … along t1 and t2.
-
-    Returns
-    -------
-    (q position, first grid row, first grid column, data, model, cuts)
-        ``data`` and ``model`` (n_phi, rows, columns) float32: the tile's c2 and fitted
-        c2 on the grid points it holds, NaN where not fitted (t2 <= t1); ``cuts`` from
-        :func:`xpcsfit.leastsq.output.tile_g2_cuts`.
-    """
-    fitted = write_fitted_tile(tile, x, layout, mode, L, path, lead)
-    (r0, c0), (n1, n2) = tile.start, tile.extent
-    i0, j0 = -r0 % stride, -c0 % stride  # first tile row / column on the grid
-    rows, cols = slice(i0, n1, stride), slice(j0, n2, stride)
-    w = tile.weight[rows, cols] > 0
-    data = np.where(w, tile.c2[:, rows, cols], np.nan).astype(np.float32)
-    model = np.where(w, fitted[:, rows, cols], np.nan).astype(np.float32)
-    return (tile.index[0], (r0 + i0) // stride, (c0 + j0) // stride, data, model,
-            tile_g2_cuts(tile, fitted, cut_rows))

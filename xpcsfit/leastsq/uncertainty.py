@@ -127,3 +127,35 @@ def inflated_covariance(jtj: np.ndarray, jtj_by_q: list, kappa: np.ndarray, scal
     excess = sum((k - 1.0) * h for k, h in zip(kappa, jtj_by_q))
     V = (h_inverse + h_inverse @ excess @ h_inverse) * scale
     return 0.5 * (V + V.T)
+
+
+def fit_covariance(state, evaluator, ds, cfg, layout, chi2: float, dof: int):
+    """Covariance of the final x (the config's ``covariance``), its warnings, and the
+    ``noise`` record of fit.json. ``state`` the final SolverState, ``evaluator`` the fit's
+    (its last pass at ``state.x``), ``chi2`` = Σ w r², ``dof`` = n − P. The inflated
+    covariance costs one pass over the tiles (residual autocorrelation and per-q normal
+    equations at x)."""
+    naive, warn = covariance_from_normal_equations(state.ne.jtj, chi2, dof)
+    weight = evaluator.bin_weight if evaluator.bin_weight is not None else np.ones(layout.n_bins)
+    _, sums = evaluator.last_block_sums
+    n_bin = sums.C[:, 1, 1] / weight
+    ratio = sums.rss / np.maximum(n_bin, 1)  # Σ w r² / n per bin (rss is weighted)
+    noise = {"estimator": NOISE_ESTIMATOR, "sigma": (weight ** -0.5).reshape(layout.n_q, layout.n_phi),
+             "reduced_chi2_per_bin": ratio.reshape(layout.n_q, layout.n_phi), "covariance_method": NAIVE_METHOD}
+    if chi2 / dof > MISFIT_LIMIT:
+        worst = int(np.argmax(ratio))
+        warn.append(f"model misfit: reduced chi2 = {chi2 / dof:.3g} > {MISFIT_LIMIT} (the residuals exceed the "
+                    f"noise level of the data; worst bin q index {worst // layout.n_phi}, phi index "
+                    f"{worst % layout.n_phi}: {ratio[worst]:.3g}); the uncertainties assume the model is right")
+    if cfg.covariance == "naive":
+        return naive, warn, noise
+    with evaluator.phase("covariance"):
+        per_tile = evaluator.map_tiles("covariance", tile_inflation_sums, state.x, layout, cfg.mode,
+                                       evaluator.L, evaluator.bin_weight, MAX_LAG)
+    kappa, by_q, record = inflation(per_tile, layout.n_q, layout.n_bins, MAX_LAG)
+    by_q = [b.normal_equations().jtj for b in by_q] if layout.n_q > 1 else []
+    cov = inflated_covariance(state.ne.jtj, by_q, kappa, chi2 / dof)
+    noise |= {"covariance_method": INFLATED_METHOD, "kappa": kappa.tolist(),
+              "correlation_length_frames": record["correlation_length"].tolist(),
+              "lag_window_frames": record["window"].tolist()}
+    return cov, warn, noise
