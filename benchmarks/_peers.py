@@ -4,8 +4,10 @@ Both fit exactly the points xpcsfit fits (t2 > t1 in the selected frames, every
 (q, phi) bin) with the same JAX model (:func:`xpcsfit.model.c2_model`), from the same
 start and within the same bounds, with the residual
 
-    r = c2_model(theta, contrast_k, offset_k, t1, t2) - c2        one entry per point
+    r = (c2_model(theta, contrast_k, offset_k, t1, t2) - c2) / sigma_k     one entry per point
 
+(sigma_k the noise level xpcsfit estimated for bin k: its weights are 1/sigma_k², so all
+three minimise the same cost)
 evaluated point by point (``jax.vmap``), so neither peer pays for the lower triangle.
 scipy gets the residual and its forward-mode Jacobian (``jax.jacfwd``), both jitted;
 nlsq gets the JAX residual and differentiates it itself.
@@ -16,7 +18,7 @@ process-wide, and the peak memory of a peer is that of its own process)::
     python benchmarks/_peers.py PROBLEM.npz {scipy,nlsq} OUT.json [--repeats 2]
 
 PROBLEM.npz is written by :func:`write_problem`; OUT.json receives one record per run
-(wall time, cost = ½Σr², evaluations, compilations) and the process's peak memory.
+(wall time, cost = ½Σ(r/sigma)², evaluations, compilations) and the process's peak memory.
 
 The module also holds :func:`install_compile_counter` / :func:`read_compile_counter`,
 which count JAX compilations in a process (used here and, through ``client.run``, on
@@ -105,7 +107,7 @@ def current_rss_mib() -> float:
 # --------------------------------------------------------------------------- problem
 
 
-def write_problem(path, *, mode, q, phi, t, c2_points, L, x0, lower, upper, ftol, xtol, gtol):
+def write_problem(path, *, mode, q, phi, t, c2_points, L, x0, lower, upper, sigma, ftol, xtol, gtol):
     """Save one least-squares problem for the peers.
 
     Parameters
@@ -116,11 +118,13 @@ def write_problem(path, *, mode, q, phi, t, c2_points, L, x0, lower, upper, ftol
         Times of the selected frames, s.
     x0, lower, upper : ndarray (P,)
         xpcsfit's layout: physics, contrast per bin, offset per bin; bins (q, phi).
+    sigma : ndarray (n_q, n_phi)
+        xpcsfit's noise level per bin (``FitResult.noise["sigma"]``); residuals are divided by it.
     """
     np.savez(path, mode=np.array(mode), q=np.asarray(q, float), phi=np.asarray(phi, float),
              t=np.asarray(t, float), c2=np.asarray(c2_points, np.float32), L=float(L),
              x0=np.asarray(x0, float), lower=np.asarray(lower, float), upper=np.asarray(upper, float),
-             tol=np.array([ftol, xtol, gtol], float))
+             sigma=np.asarray(sigma, float), tol=np.array([ftol, xtol, gtol], float))
 
 
 def load_problem(path) -> dict:
@@ -155,6 +159,7 @@ def residual_function(problem):
     p, nb = len(MODES[mode]), n_q * n_phi
     rows, cols = np.triu_indices(t.size, 1)
     phi_j = jnp.asarray(phi)
+    sigma = jnp.asarray(problem["sigma"]).reshape(n_q, n_phi)
 
     def one_q(theta, contrast, offset, qk, t1, t2):
         def at(a, b):
@@ -165,7 +170,7 @@ def residual_function(problem):
         theta = x[:p]
         contrast = x[p : p + nb].reshape(n_q, n_phi)
         offset = x[p + nb :].reshape(n_q, n_phi)
-        parts = [(one_q(theta, contrast[k], offset[k], q[k], t1, t2) - data[k]).ravel()
+        parts = [((one_q(theta, contrast[k], offset[k], q[k], t1, t2) - data[k]) / sigma[k][:, None]).ravel()
                  for k in range(n_q)]
         return jnp.concatenate(parts)
 
@@ -230,7 +235,7 @@ def run_nlsq(problem, repeats: int) -> list[dict]:
 
 
 def _timed(solve, info) -> dict:
-    """Run one solve; wall time, cost ½Σr², x, compilations and the solver's own counts."""
+    """Run one solve; wall time, cost ½Σ(r/sigma)², x, compilations and the solver's own counts."""
     before = read_compile_counter()
     started = time.perf_counter()
     result = solve()

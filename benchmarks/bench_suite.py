@@ -230,6 +230,8 @@ def fit_once(client, cluster, w: Workload, path: Path, echo: bool) -> dict:
         "message_bytes_per_iteration": tee.per_iteration_bytes(),
         "x": np.asarray(result.x, float).tolist(),
         "start": np.asarray(result.start, float).tolist(),
+        # The fit's per-bin noise level (its weights are 1/sigma²): the peers minimise the same cost.
+        "sigma": np.asarray(result.noise["sigma"], float).tolist(),
         "lower": np.asarray(result.lower, float).tolist(),
         "upper": np.asarray(result.upper, float).tolist(),
     }
@@ -330,7 +332,7 @@ def _per_worker(values: dict) -> str:
 
 
 def peer_problem(w: Workload, path: Path, run: dict, out: Path) -> int:
-    """Write the B1 problem for the peers: xpcsfit's points, start and bounds.
+    """Write the B1 problem for the peers: xpcsfit's points, weights, start and bounds.
 
     Returns the number of residuals, which must equal xpcsfit's number of points.
     """
@@ -345,7 +347,7 @@ def peer_problem(w: Workload, path: Path, run: dict, out: Path) -> int:
         raise RuntimeError(f"peers would fit {points.size:,} points, xpcsfit fitted {run['n_points']:,}")
     _peers.write_problem(out, mode=w.mode, q=ds["q"].values, phi=ds["phi"].values, t=t, c2_points=points,
                          L=DEFAULT_GAP, x0=run["start"], lower=run["lower"],
-                         upper=run["upper"], **SOLVER_TOLERANCES)
+                         upper=run["upper"], sigma=run["sigma"], **SOLVER_TOLERANCES)
     return points.size
 
 
