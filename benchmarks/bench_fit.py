@@ -114,7 +114,8 @@ def b1(args) -> None:
             with tempfile.TemporaryDirectory(prefix="xpcsfit-peers-") as tmp:
                 problem = Path(tmp) / "problem.npz"
                 suite.peer_problem(w, path, {"n_points": r_here.n_points, "start": r_here.start,
-                                             "lower": r_here.lower, "upper": r_here.upper}, problem)
+                                             "lower": r_here.lower, "upper": r_here.upper,
+                                             "sigma": r_here.noise["sigma"]}, problem)
                 rec = suite.run_peer("nlsq", problem, Path(tmp))
             if "error" in rec:
                 print(f"{k:>5}{load:>7.2f}{here:>14.3f}{there:>11.3f}   nlsq failed: {rec['error']}")
