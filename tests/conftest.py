@@ -41,3 +41,13 @@ def small_flow_file(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("sim") / "small_flow.hdf"
     return simulate(path, q=(0.0055,), n_phi=4, n_frames=160, noise=0.01, seed=3)
+
+
+@pytest.fixture(scope="session")
+def static_file(tmp_path_factory):
+    """static, 1 q × 3 phi × 120 frames, iid noise sd 0.01, contrast 0.25 and offset 1."""
+    from xpcsfit.simulate import simulate
+
+    path = tmp_path_factory.mktemp("sim") / "static.hdf"
+    return simulate(path, mode="static", q=[0.015], n_phi=3, n_frames=120, dt=0.01,
+                    params={"alpha": -0.6, "D_offset": 5.0e3, "D0": 1.0e4}, noise=0.01, seed=3)

@@ -83,7 +83,7 @@ def test_quickstart_runs_a_fit_as_a_task_and_shows_it(tmp_path):
     nb, seen = _run("quickstart", probe, tmp_path)
     assert seen["type"] == "FitResult" and seen["converged"]
     assert seen["pngs"] == ["c2_q0_phi0.png", "c2_q0_phi1.png", "c2_q0_phi2.png", "c2_q0_phi3.png",
-                            "transport.png"]
+                            "g2_cuts.png", "transport.png"]
     assert seen["params"] == ["D0", "alpha", "D_offset", "gamma_dot_t0", "beta", "gamma_dot_t_offset", "phi0"]
     assert seen["rel_err"] < 5  # every parameter within 5 stderr of the simulation's truth
     assert "127.0.0.1" in seen["dashboard"]

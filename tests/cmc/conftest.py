@@ -15,14 +15,6 @@ SIM = dict(q=[0.015], n_phi=4, n_frames=160, dt=0.01, noise=0.005, seed=1)
 
 
 @pytest.fixture(scope="session")
-def static_file(tmp_path_factory):
-    """static, 1 q × 3 phi × 120 frames, iid noise sd 0.01, contrast 0.25 and offset 1."""
-    path = tmp_path_factory.mktemp("cmc") / "static.hdf"
-    return simulate(path, mode="static", q=[0.015], n_phi=3, n_frames=120, dt=0.01,
-                    params={"alpha": -0.6, "D_offset": 5.0e3, "D0": 1.0e4}, noise=0.01, seed=3)
-
-
-@pytest.fixture(scope="session")
 def sim_truth() -> dict:
     return dict(SIM_TRUTH)
 

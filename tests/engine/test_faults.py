@@ -335,7 +335,7 @@ def check_complete(out, frames) -> dict:
         values = np.asarray(root[name][0, :, a:, a:])
         assert np.isfinite(values[:, rows, cols]).all(), f"{name}: a tile was not written"
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == sorted([f"c2_q0_phi{i}.png" for i in range(N_PHI)] + ["transport.png"])
+    assert pngs == sorted([f"c2_q0_phi{i}.png" for i in range(N_PHI)] + ["g2_cuts.png", "transport.png"])
     return result_files(out)
 
 
