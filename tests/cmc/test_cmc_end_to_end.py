@@ -33,7 +33,7 @@ def consensus_runs(client, sim_file, tmp_path_factory):
 
     client.wait_for_workers(2)
     fit = xpcsfit.fit(sim_file, mode="laminar_flow", gap=2e6, client=client, progress=False)
-    opts = dict(from_fit=fit, warmup=300, samples=400, chains=2, thin=2, client=client, progress=False)
+    opts = dict(from_fit=fit, warmup=300, samples=600, chains=2, thin=2, client=client, progress=False)
     full = cmc(sim_file, shards=1, **opts)
     out = tmp_path_factory.mktemp("cmc-e2e") / "cmc"
     with get_task_stream(client) as stream:
