@@ -135,15 +135,16 @@ class Outcome:
     rc: int
     out: str
     err: str
-    cluster_used: bool
+    loaded: bool
 
 
 def run_fit(capsys, input_path, out, *extra) -> Outcome:
-    """``xpcsfit fit INPUT --out OUT …`` in this process; records whether the fit got to the cluster."""
+    """``xpcsfit fit INPUT --out OUT …`` in this process; records whether the fit got to
+    loading its tiles (its evaluator, in process or on a cluster: the long work)."""
     capsys.readouterr()
     formatwarning = warnings.formatwarning  # main() sets the CLI's; keep pytest's for other tests
     try:
-        with mock.patch.object(_fit, "dask_client", wraps=_fit.dask_client) as spy:
+        with mock.patch.object(_fit, "fit_evaluator", wraps=_fit.fit_evaluator) as spy:
             rc = main(["fit", str(input_path), "--out", str(out), *map(str, extra)])
     finally:
         warnings.formatwarning = formatwarning
@@ -157,7 +158,7 @@ def _event(label: str) -> None:
         event(label)
 
 
-def check(o: Outcome, out: Path, must_name, alternatives, *, cluster_ok=False) -> str:
+def check(o: Outcome, out: Path, must_name, alternatives, *, loading_ok=False) -> str:
     """The one property: a fit with fit.json, or one line naming ``must_name`` and one alternative.
 
     Returns "fit" or "error" (for the tests that know which to expect).
@@ -176,8 +177,8 @@ def check(o: Outcome, out: Path, must_name, alternatives, *, cluster_ok=False) -
     assert must_name in line, (must_name, line)
     assert any(a in line for a in alternatives), (alternatives, line)
     # a model that overflows at the fitted parameters is known only from evaluating it
-    if not cluster_ok and "the model is not finite" not in line:
-        assert not o.cluster_used, f"rejected only after the cluster was used: {line}"
+    if not loading_ok and "the model is not finite" not in line:
+        assert not o.loaded, f"rejected only after the tiles were loading: {line}"
     assert not (out / "fit.json").exists()
     _event(f"error rc={o.rc}")
     return "error"
@@ -225,7 +226,7 @@ def _put(f: h5py.File, key: str, value) -> None:
 
 @st.composite
 def file_mutation(draw, layout):
-    """(description, apply(h5py.File), key, cluster_ok) for one mutation of a valid file."""
+    """(description, apply(h5py.File), key, loading_ok) for one mutation of a valid file."""
     keys = APSU_KEYS if layout == "aps-u" else LEGACY_KEYS
     map_keys = APSU_MAP_KEYS if layout == "aps-u" else LEGACY_MAP_KEYS
     key = draw(st.sampled_from(keys))
@@ -238,7 +239,7 @@ def file_mutation(draw, layout):
     if key == apsu.BINS:
         kinds += ["permute", "duplicate"]
     kind = draw(st.sampled_from(kinds))
-    cluster_ok = False
+    loading_ok = False
 
     if kind == "delete":
         def apply(f):
@@ -292,7 +293,7 @@ def file_mutation(draw, layout):
         # fitted points: frames 1 … T-1 (the default selection), t2 > t1
         fitted = bool(((cols[None, :] > rows[:, None]) & (rows[:, None] >= 1)).any())
         kind = f"nonfinite block ({'fitted' if fitted else 'not fitted'})"
-        cluster_ok = True
+        loading_ok = True
 
         def apply(f):
             f[key][r0 : r0 + h, c0 : c0 + w] = value
@@ -320,11 +321,11 @@ def file_mutation(draw, layout):
             v = f[key][()]
             v[j] = v[i]
             f[key][...] = v
-    return f"{kind} {key}", apply, key, cluster_ok
+    return f"{kind} {key}", apply, key, loading_ok
 
 
 def _mutated_file_case(capsys, valid, layout, mutation):
-    description, apply, key, cluster_ok = mutation
+    description, apply, key, loading_ok = mutation
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"mutated_{layout.replace('-', '')}.hdf"
         shutil.copy(valid[layout], path)
@@ -333,7 +334,7 @@ def _mutated_file_case(capsys, valid, layout, mutation):
         o = run_fit(capsys, path, Path(tmp) / "out", "--mode", "static")
         # an edited grid may leave a selected (q, phi) without a map: named by its values
         outcome = check(o, Path(tmp) / "out", str(path), RELATED[key] + ["cannot read", "no two-time map for q="],
-                        cluster_ok=cluster_ok)
+                        loading_ok=loading_ok)
     if description.startswith("nonfinite block (fitted"):
         assert outcome == "error", f"{description}: fitted despite NaN/Inf in fitted points"
     if description.startswith(("nonfinite block (not fitted", "permute")):
@@ -380,7 +381,7 @@ def test_damaged_file_bytes_fail_in_one_line(data, valid, client, capsys):
         o = run_fit(capsys, path, Path(tmp) / "out", "--mode", "static")
         # a damaged chunk is found when a worker reads it; anything else at open
         words = ["not an HDF5 file", "cannot open", "cannot read", "/xpcs/", "/entry/", "c2_", "non-finite c2 values"]
-        outcome = check(o, Path(tmp) / "out", str(path), words, cluster_ok=True)
+        outcome = check(o, Path(tmp) / "out", str(path), words, loading_ok=True)
     if len(damaged) < len(raw):
         assert outcome == "error", "a truncated file was fitted"
 
@@ -608,8 +609,8 @@ def test_damaged_chunk_fails_on_the_worker_in_one_line(valid, client, capsys, tm
     raw[start : start + 24] = b"\xff" * 24
     path.write_bytes(bytes(raw))
     o = run_fit(capsys, path, tmp_path / "out", "--mode", "static")
-    check(o, tmp_path / "out", str(path), ["cannot read the two-time maps"], cluster_ok=True)
-    assert o.rc == 2 and o.cluster_used
+    check(o, tmp_path / "out", str(path), ["cannot read the two-time maps"], loading_ok=True)
+    assert o.rc == 2 and o.loaded
 
 
 @pytest.mark.slow
@@ -619,7 +620,7 @@ def test_nan_in_fitted_points_only_is_rejected(where, fitted, valid, client, cap
     (not selected), it is not data the fit uses."""
     path = _mutate(valid, tmp_path, lambda f: f[APSU_MAP_KEYS[1]].__setitem__(where, np.nan))
     o = run_fit(capsys, path, tmp_path / "out", "--mode", "static")
-    outcome = check(o, tmp_path / "out", str(path), ["non-finite c2 values above the diagonal at q=0.0055 1/Å, phi=135 deg"], cluster_ok=True)
+    outcome = check(o, tmp_path / "out", str(path), ["non-finite c2 values above the diagonal at q=0.0055 1/Å, phi=135 deg"], loading_ok=True)
     assert outcome == ("error" if fitted else "fit"), o.err
 
 

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from xpcsfit.io.result_dir import result_manifest
+from xpcsfit.leastsq import plots
 from xpcsfit.leastsq.output import (
     create_fitted_store,
     cut_rows,
@@ -18,7 +19,6 @@ from xpcsfit.leastsq.output import (
     write_fitted_tile,
     write_g2_cuts,
 )
-from xpcsfit.leastsq.plots import g2_cuts_png, heatmap_png, stride_for, transport_png
 
 
 def write_result_directory(tmp, result, ds, evaluator, layout, cfg, L, size, started):
@@ -35,7 +35,7 @@ def write_result_directory(tmp, result, ds, evaluator, layout, cfg, L, size, sta
     first = int(ds.attrs["frames"][0])
     lead = first % size  # fitted.zarr starts at an aligned frame: its chunks are the tiles
     t_out = (np.arange(-lead, t.size) + first) * float(ds.attrs["dt"])
-    s = stride_for(t.size)
+    s = plots.stride_for(t.size)
     m = len(range(0, t.size, s))
     store = tmp / "fitted.zarr"
     create_fitted_store(store, ds["q"].values, ds["phi"].values, t_out, size)
@@ -47,7 +47,7 @@ def write_result_directory(tmp, result, ds, evaluator, layout, cfg, L, size, sta
                           t.size)
     lags = np.arange(t.size) * float(ds.attrs["dt"])
     write_g2_cuts(store, t[rows], lags, *cuts)
-    g2_cuts_png(tmp / "g2_cuts.png", lags, t[rows], *cuts, result.q)
+    plots.g2_cuts_png(tmp / "g2_cuts.png", lags, t[rows], *cuts, result.q)
     data = np.full((layout.n_q, layout.n_phi, m, m), np.nan, np.float32)
     model = np.full_like(data, np.nan)
     while samples:  # pop: each sample is freed once copied into the grids
@@ -57,9 +57,9 @@ def write_result_directory(tmp, result, ds, evaluator, layout, cfg, L, size, sta
         model[iq, :, g1 : g1 + n1, g2 : g2 + n2] = f
     for iq, qv in enumerate(result.q):
         for ip, pv in enumerate(result.phi):
-            heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data[iq, ip], model[iq, ip],
+            plots.heatmap_png(tmp / f"c2_q{iq}_phi{ip}.png", t[::s], data[iq, ip], model[iq, ip],
                         f"q = {qv:.5g} 1/Å, phi = {pv:.4g}°")
-    transport_png(tmp / "transport.png", result.transport, cfg.mode)
+    plots.transport_png(tmp / "transport.png", result.transport, cfg.mode)
     result.wall_time_s = time.perf_counter() - started
     record = result.to_dict() | {"files": result_manifest(tmp)}
     (tmp / "fit.json").write_text(json.dumps(record, indent=1, allow_nan=True))
