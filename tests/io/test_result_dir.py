@@ -3,6 +3,7 @@ front, never collides with a concurrent run, and cleans up only what it left its
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -144,7 +145,13 @@ def test_two_fits_with_the_same_out_at_once(small_flow_file, client, tmp_path):
     while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert lock.exists(), "the first run never claimed its output"
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    # The first run is held still while the second starts: a small fit can otherwise end
+    # before the second process has imported xpcsfit (it did, once, on a loaded machine).
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     out1, err1 = first.communicate(timeout=300)
     assert first.returncode == 0, err1
     assert second.returncode == 3

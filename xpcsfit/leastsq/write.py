@@ -10,7 +10,6 @@ import time
 import numpy as np
 
 from xpcsfit.io.result_dir import result_manifest
-from xpcsfit.leastsq import plots
 from xpcsfit.leastsq.output import (
     create_fitted_store,
     cut_rows,
@@ -31,6 +30,10 @@ def write_result_directory(tmp, result, ds, evaluator, layout, cfg, L, size, sta
     across), so neither the input nor fitted.zarr is read again, and the driver holds
     about 2 × n_q × n_phi × MAX_PIXELS² float32 whatever the number of frames.
     """
+    # Imported here, not with xpcsfit: plots selects matplotlib's Agg backend, which would
+    # take the inline figures away from a notebook as soon as it imported xpcsfit.
+    from xpcsfit.leastsq import plots
+
     t = ds["t1"].values
     first = int(ds.attrs["frames"][0])
     lead = first % size  # fitted.zarr starts at an aligned frame: its chunks are the tiles
