@@ -87,3 +87,27 @@ def wait_until(condition, timeout=60.0, step=0.05) -> bool:
             return True
         time.sleep(step)
     return condition()
+
+
+def remove_worker_plugin(client, name: str, n_workers: int) -> None:
+    """Unregister a worker plugin from a cluster whose workers the test has been killing.
+
+    The scheduler forgets the plugin first, then tells each worker; a worker that dies
+    (or is still being restarted by its nanny) during that broadcast makes the scheduler
+    close the client's comm (CommClosedError), leaving the plugin on the live workers.
+    So: wait until the workers are back, and if the broadcast still met a dying worker,
+    drop the plugin on every worker directly (a restarted worker gets only the
+    scheduler's plugins, which no longer include it).
+    """
+    from distributed.comm.core import CommClosedError
+
+    wait_for_workers(client, n_workers)
+    try:
+        client.unregister_worker_plugin(name)
+    except (CommClosedError, OSError):
+        wait_for_workers(client, n_workers)
+        client.run(_drop_plugin, name)
+
+
+def _drop_plugin(name, dask_worker=None):
+    dask_worker.plugins.pop(name, None)

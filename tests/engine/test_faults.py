@@ -29,7 +29,7 @@ from xpcsfit.engine.tiles import plan_tiles
 from xpcsfit.parameters import MODES, ParameterLayout
 from xpcsfit.simulate import simulate
 
-from dask_processes import dask_processes, wait_for_workers, wait_until
+from dask_processes import dask_processes, remove_worker_plugin, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -222,7 +222,7 @@ def test_every_worker_killed_while_loading_the_fit_recovers(cluster, flow_file, 
         result = within(HANG, fit_quiet, flow_file, client=cluster, tile=TILE, gap=2.0e6,
                         config={"memory": "hold", "initial": FAR_START})
     finally:
-        cluster.unregister_worker_plugin(DieOnceOnLoad.name)
+        remove_worker_plugin(cluster, DieOnceOnLoad.name, 2)
         cluster.run_on_scheduler(set_allowed_failures, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["died-0", "died-1"]
     assert wait_until(lambda: all(map(pid_gone, pids.values())), timeout=10)
@@ -450,7 +450,7 @@ def test_workers_dying_while_loading_is_a_config_error(cluster, flow_file):
         with pytest.raises(xpcsfit.ConfigError) as err:
             within(HANG, fit_quiet, flow_file, client=cluster, tile=TILE, gap=2.0e6, config={"memory": "hold"})
     finally:
-        cluster.unregister_worker_plugin(DieOnLoad.name)
+        remove_worker_plugin(cluster, DieOnLoad.name, 2)
     message = str(err.value)
     print(f"\nafter {time.monotonic() - started:.1f} s: {message}")
     assert "\n" not in message
