@@ -101,6 +101,25 @@ class TileEvaluator:
         self.last_block_sums: tuple[np.ndarray, BlockSums] | None = None
         self.bin_weight: np.ndarray | None = None
 
+    def _pass_stats(self, n_parts: int, to_workers: float, from_workers: float,
+                    compilations: dict, after_warmup: dict) -> dict:
+        """The ``engine`` record both evaluators share; each passes its own parts,
+        bytes moved per pass and JIT compilations (by worker)."""
+        return {
+            "n_tiles": self.n_tiles,
+            "n_parts": n_parts,
+            "storage": self.storage,
+            "tile_bytes_total": int(self.tile_bytes),
+            "normal_passes": self.normal_passes,
+            "cost_passes": self.cost_passes,
+            "other_passes": self.other_passes,
+            "pass_seconds": [round(v, 4) for v in self.pass_seconds],
+            "bytes_to_workers_per_pass": to_workers,
+            "bytes_from_workers_per_pass": from_workers,
+            "compilations": compilations,
+            "compilations_after_warmup": after_warmup,
+        }
+
     def _map(self, kind: str, func, *args) -> list:
         raise NotImplementedError
 
@@ -196,20 +215,8 @@ class InProcessEvaluator(TileEvaluator):
         :meth:`DaskEvaluator.stats`; the one "worker" is this process, nothing travels)."""
         now = compiled_variants()
         warm = now if self._compiled_when_warm is None else self._compiled_when_warm
-        return {
-            "n_tiles": self.n_tiles,
-            "n_parts": 1,
-            "storage": self.storage,
-            "tile_bytes_total": int(self.tile_bytes),
-            "normal_passes": self.normal_passes,
-            "cost_passes": self.cost_passes,
-            "other_passes": self.other_passes,
-            "pass_seconds": [round(v, 4) for v in self.pass_seconds],
-            "bytes_to_workers_per_pass": 0.0,
-            "bytes_from_workers_per_pass": 0.0,
-            "compilations": {"in process": now - self._compiled_at_start},
-            "compilations_after_warmup": {"in process": now - warm},
-        }
+        return self._pass_stats(1, 0.0, 0.0, {"in process": now - self._compiled_at_start},
+                                {"in process": now - warm})
 
     def close(self):
         self.tiles = []
@@ -415,20 +422,9 @@ class DaskEvaluator(TileEvaluator):
         passes = max(1, self.normal_passes + self.cost_passes)
         now = self.compilations()
         warm = self._compiled_when_warm or now
-        return {
-            "n_tiles": self.n_tiles,
-            "n_parts": len(self.parts),
-            "storage": self.storage,
-            "tile_bytes_total": int(self.tile_bytes),
-            "normal_passes": self.normal_passes,
-            "cost_passes": self.cost_passes,
-            "other_passes": self.other_passes,
-            "pass_seconds": [round(v, 4) for v in self.pass_seconds],
-            "bytes_to_workers_per_pass": self.bytes_to_workers / passes,
-            "bytes_from_workers_per_pass": self.bytes_from_workers / passes,
-            "compilations": self._added(now, self._compiled_at_start),
-            "compilations_after_warmup": self._added(now, warm),
-        }
+        return self._pass_stats(len(self.parts), self.bytes_to_workers / passes,
+                                self.bytes_from_workers / passes,
+                                self._added(now, self._compiled_at_start), self._added(now, warm))
 
     def close(self):
         self.client.cancel(self.parts)
