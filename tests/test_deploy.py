@@ -4,7 +4,8 @@ The Dockerfile is read as text, the Kubernetes manifests with pyyaml; nothing is
 applied. What must agree: the Python version and the extras the image installs (with
 pyproject.toml), the worker command (preload, one thread; with xpcsfit.engine.cluster),
 the image, the scheduler's Service name and port, the TLS files and the data volume
-(between the DaskCluster and the CronJob). The reprocessing script is run for real.
+(between the DaskCluster and the CronJob). The CronJob's `xpcsfit batch` command is parsed
+with xpcsfit's own parser and run for real, with its settings file, on local directories.
 """
 
 from __future__ import annotations
@@ -247,8 +248,7 @@ def test_every_pod_mounts_the_tls_files_that_the_dask_config_names():
         (m, v), = tls
         assert m["mountPath"] == tls_dir and m.get("readOnly"), role
         secrets.add(v["secret"]["secretName"])
-        (cm,) = [(m, v) for m, v in by_volume.values() if "configMap" in v]
-        assert cm[1]["configMap"]["name"] == configmap
+        (cm,) = [(m, v) for m, v in by_volume.values() if v.get("configMap", {}).get("name") == configmap]
         assert cm[0]["mountPath"].startswith("/etc/dask/") and cm[0]["mountPath"].endswith(cm[0]["subPath"]), role
     assert len(secrets) == 1
     # The files the Secret must hold (deploy/README.md creates it with these names).
@@ -265,8 +265,28 @@ def test_workers_and_the_cronjob_see_the_same_data():
            for m, v in mounts("cronjob").values() if "persistentVolumeClaim" in v}
     assert worker == job and len(job) == 1
     (data,) = job
-    paths = [a for a in container("cronjob")["args"] if a.startswith("/")]
-    assert paths and all(PurePosixPath(p).is_relative_to(data) for p in paths)
+    args = cronjob_batch_args()
+    paths = [*args.roots, args.out_root]
+    assert all(PurePosixPath(p).is_relative_to(data) for p in paths), paths
+
+
+def cronjob_batch_args():
+    """The CronJob's command, parsed by xpcsfit's own parser (``xpcsfit`` is the console
+    script the image's pip install puts on PATH)."""
+    from xpcsfit.cli import build_parser
+
+    argv = container("cronjob")["args"]
+    assert argv[0] == "xpcsfit"
+    return build_parser().parse_args(argv[1:])
+
+
+def batch_settings() -> tuple[str, str]:
+    """(mount path, text) of the settings file the CronJob's --config names."""
+    (mount, volume), = [(m, v) for m, v in mounts("cronjob").values()
+                        if v.get("configMap", {}).get("name") == "xpcsfit-batch-settings"]
+    configmap = manifest("reprocess-cronjob.yaml")["ConfigMap"]
+    assert configmap["metadata"]["name"] == volume["configMap"]["name"]
+    return mount["mountPath"], configmap["data"][mount["subPath"]]
 
 
 def test_cronjob_runs_nightly_one_at_a_time():
@@ -275,10 +295,19 @@ def test_cronjob_runs_nightly_one_at_a_time():
     assert rest == ["*", "*", "*"] and 0 <= int(minute) < 60 and 0 <= int(hour) < 24
     assert cj["concurrencyPolicy"] == "Forbid"
     assert cj["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
-    # Its command is the script the image installs (until `xpcsfit batch` replaces it).
-    copies = {shlex.split(c)[-1]: shlex.split(c)[0] for c in instructions("COPY")}
-    command = container("cronjob")["args"][0]
-    assert copies[f"/usr/local/bin/{command}"] == "deploy/reprocess.sh"
+
+
+def test_cronjob_runs_xpcsfit_batch_with_the_mounted_settings():
+    from xpcsfit.batch.settings import BatchSettings
+
+    args = cronjob_batch_args()
+    assert args.command == "batch" and args.out_root and not (args.dry_run or args.watch or args.force)
+    assert args.scheduler == "$(XPCSFIT_SCHEDULER)"  # Kubernetes expands it from env
+    path, text = batch_settings()
+    assert args.config == path
+    assert BatchSettings.model_validate(yaml.safe_load(text)).gap > 0  # settings a batch takes
+    # nothing in the image stands between the job and xpcsfit
+    assert not any("/usr/local/bin/" in c for c in instructions("COPY"))
 
 
 @pytest.mark.parametrize("role,command", [("scheduler", "scheduler"), ("worker", "worker")])
@@ -292,49 +321,49 @@ def test_manifest_options_exist_in_the_dask_command_line(role, command):
         assert re.search(rf"(^|[\s,/]){re.escape(option)}\b", help_text, re.M), f"dask {command} has no {option}"
 
 
-# ---------------------------------------------------------------- the reprocessing script
-
-
-def _xpcsfit_on_path(bin_dir: Path) -> dict:
-    """An environment whose `xpcsfit` is this interpreter's xpcsfit (PYTHONPATH kept)."""
-    bin_dir.mkdir()
-    shim = bin_dir / "xpcsfit"
-    shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} -c "
-                    "'import sys; from xpcsfit.cli import main; sys.exit(main())' \"$@\"\n")
-    shim.chmod(shim.stat().st_mode | stat.S_IXUSR)
-    return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+# ---------------------------------------------------------------- the CronJob's command, run
 
 
 @pytest.mark.slow
-def test_reprocess_fits_new_files_skips_done_ones_and_goes_past_a_bad_one(tmp_path, small_flow_file, client):
-    incoming, results = tmp_path / "incoming", tmp_path / "results"
-    incoming.mkdir()
-    shutil.copy(small_flow_file, incoming / "a_done.hdf")
-    (results / "a_done").mkdir(parents=True)
-    (results / "a_done" / "fit.json").write_text("{}")  # an earlier night's result
-    (incoming / "b_bad.hdf").write_text("not an HDF5 file")
-    shutil.copy(small_flow_file, incoming / "c_new.h5")
-    (incoming / "notes.txt").write_text("not a result file")
-    environ = _xpcsfit_on_path(tmp_path / "bin")
-    environ["XPCSFIT_FIT_OPTIONS"] = "--gap 2.0e6 --frames 1 60"
-    run = subprocess.run(["sh", str(DEPLOY / "reprocess.sh"), str(incoming), str(results), client.scheduler.address],
-                         capture_output=True, text=True, env=environ, timeout=300)
-    lines = [ln for ln in run.stdout.splitlines() if ln.startswith("xpcsfit-reprocess:")]
-    assert lines == [f"xpcsfit-reprocess: {incoming}/b_bad.hdf -> {results}/b_bad: exit 2",
-                     f"xpcsfit-reprocess: {incoming}/c_new.h5 -> {results}/c_new: exit 0",
-                     "xpcsfit-reprocess: 1 fitted, 1 failed, 1 done before"], run.stdout + run.stderr
-    assert run.returncode == 1  # one file failed
-    assert (results / "a_done" / "fit.json").read_text() == "{}"  # skipped, untouched
-    fit = json.loads((results / "c_new" / "fit.json").read_text())
+def test_cronjob_command_fits_new_files_and_goes_past_a_bad_one(tmp_path, small_flow_file, client):
+    """The CronJob's args as they stand, with /data mapped to a local directory, its
+    settings file written where --config points, against a running scheduler."""
+    import h5py
+
+    from xpcsfit.cli import main
+    from xpcsfit.errors import EXIT_INCOMPLETE
+
+    data = tmp_path / "data"
+    (data / "incoming" / "run1").mkdir(parents=True)
+    shutil.copy(small_flow_file, data / "incoming" / "run1" / "a.hdf")
+    shutil.copy(small_flow_file, data / "incoming" / "b_broken.hdf")
+    with h5py.File(data / "incoming" / "b_broken.hdf", "a") as f:
+        del f["/xpcs/twotime/processed_bins"]  # a damaged result: reported, not fitted
+    (data / "incoming" / "notes.hdf").write_text("not a result file")  # skipped, does not count
+    mount, text = batch_settings()
+    settings = tmp_path / PurePosixPath(mount).name
+    settings.write_text(text + "frames: [1, 60]\n")  # the site's settings, fewer frames for speed
+
+    def local(arg: str) -> str:
+        if arg == mount:
+            return str(settings)
+        if arg == "$(XPCSFIT_SCHEDULER)":
+            return client.scheduler.address
+        return str(data / PurePosixPath(arg).relative_to("/data")) if arg.startswith("/data") else arg
+
+    argv = [local(a) for a in container("cronjob")["args"][1:]]
+    assert main(argv) == EXIT_INCOMPLETE  # the damaged file kept one file from being fitted
+    results = data / "results"
+    (fit_json,) = results.rglob("fit.json")  # one unit: the file's one q
+    assert fit_json.is_relative_to(results / "run1")  # the input tree, mirrored
+    fit = json.loads(fit_json.read_text())
     assert fit["converged"] and fit["input"]["frames"] == [1, 60]
-    assert sorted(p.name for p in results.iterdir()) == ["a_done", "c_new"]  # nothing for the bad file
-
-
-def test_reprocess_refuses_a_missing_directory(tmp_path):
-    run = subprocess.run(["sh", str(DEPLOY / "reprocess.sh"), str(tmp_path / "nowhere"), str(tmp_path / "r")],
-                         capture_output=True, text=True, timeout=30)
-    assert run.returncode == 2
-    assert run.stderr == f"xpcsfit-reprocess: {tmp_path / 'nowhere'}: no such directory\n"
+    assert (results / "xpcsfit.sqlite").is_file() and (results / "index.html").is_file()
+    assert not any("b_broken" in str(p) or "notes" in str(p) for p in results.rglob("*"))
+    # the next night: nothing new, nothing refitted
+    before = {p: p.stat().st_mtime_ns for p in results.rglob("fit.json")}
+    assert main(argv) == EXIT_INCOMPLETE  # the damaged file is still there
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("fit.json")} == before
 
 
 # ---------------------------------------------------------------- the cluster specs (cluster/)
