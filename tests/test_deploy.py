@@ -11,11 +11,9 @@ with xpcsfit's own parser and run for real, with its settings file, on local dir
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
-import stat
 import subprocess
 import sys
 import tomllib
