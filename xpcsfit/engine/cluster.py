@@ -60,7 +60,8 @@ def dask_setup(worker) -> None:
 
     It also keeps the worker from logging a task's xpcsfit error (a bad value in the
     input), which the driver reports as one line (:func:`_drop_user_error_reports`),
-    and switches JAX to float64 (:func:`xpcsfit.enable_float64`) before any task runs.
+    and switches JAX to float64 (:func:`xpcsfit.enable_float64`) and to xpcsfit's
+    persistent compilation cache (:mod:`xpcsfit.engine.compile_cache`) before any task runs.
     """
     logging.getLogger("distributed.worker").addFilter(_drop_user_error_reports)
     cpus = sorted(os.sched_getaffinity(0))
@@ -71,9 +72,11 @@ def dask_setup(worker) -> None:
     try:
         import jax
 
+        from xpcsfit.engine.compile_cache import enable_compilation_cache
         from xpcsfit.model import enable_float64
 
         enable_float64()
+        enable_compilation_cache()
         jax.devices("cpu")
     finally:
         os.sched_setaffinity(0, set(cpus))

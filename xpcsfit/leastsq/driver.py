@@ -10,6 +10,7 @@ import numpy as np
 import xarray as xr
 
 from xpcsfit.config import FitConfig, load_config
+from xpcsfit.engine.compile_cache import enable_compilation_cache
 from xpcsfit.engine.evaluator import TileEvaluator
 from xpcsfit.engine.specs import load_cluster_spec
 from xpcsfit.engine.tiles import (
@@ -136,6 +137,7 @@ def fit(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     """
     started = time.perf_counter()
     enable_float64()
+    enable_compilation_cache()  # an in-process fit compiles here
     cluster = None if cluster is None else load_cluster_spec(cluster)
     cfg = load_config(config, mode=mode, gap=gap, tile=tile, starts=starts, starts_seed=seed)
     plan = _plan(input, cfg, dict(q=q, q_index=q_index, phi=phi, frames=frames, dt=dt))
