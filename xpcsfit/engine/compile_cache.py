@@ -11,7 +11,9 @@ machine (a different CPU on a shared home), which is then compiled afresh.
 
 The directory: ``$XPCSFIT_JAX_CACHE`` if set ("off" or empty: no cache), else
 ``$XDG_CACHE_HOME/xpcsfit/jax`` (``~/.cache/xpcsfit/jax``). A cache directory the process
-already has (``JAX_COMPILATION_CACHE_DIR``, or set by the caller) is kept.
+already has (``JAX_COMPILATION_CACHE_DIR``, or set by the caller) is kept, with its
+settings. In xpcsfit's directory JAX evicts the least recently used entries beyond
+:data:`MAX_BYTES`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ CACHE_ENV = "XPCSFIT_JAX_CACHE"
 # Compilations shorter than this are not worth a file (JAX's default is 1 s, which
 # would leave out most of the tile kernels: 0.2–1 s each here).
 MIN_COMPILE_SECONDS = 0.2
+# A size limit makes JAX evict the least recently used entries beyond it, and lock the
+# directory (filelock) around every read and write: without the lock, workers compiling
+# the same kernel at once could leave a torn entry that every later process would warn
+# about. An entry is ~0.1 MB; a year of fits of every shape stays far below.
+MAX_BYTES = 2 * 2**30
 
 
 def cache_directory() -> Path | None:
@@ -62,4 +69,5 @@ def enable_compilation_cache() -> Path | None:
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECONDS)
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
     return path
