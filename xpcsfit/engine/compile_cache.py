@@ -46,8 +46,8 @@ def enable_compilation_cache() -> Path | None:
 
     Takes effect for compilations after the process's first one only if called before
     it (JAX decides once whether a process uses the cache), so xpcsfit calls it where it
-    configures JAX: the worker preload and ``xpcsfit.fit`` / ``xpcsfit.cmc``. Cheap when
-    called again.
+    configures JAX: the worker preload and ``xpcsfit.fit`` (which ``xpcsfit.cmc`` runs
+    first unless given ``from_fit``). Cheap when called again.
 
     Returns
     -------
