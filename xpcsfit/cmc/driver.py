@@ -20,9 +20,10 @@ What the posterior conditions on, and assumes:
 - per-bin contrast and offset integrated out analytically (flat prior), per shard
   (:mod:`xpcsfit.cmc.likelihood`);
 - weakly informative priors inside the bounds, placed on NUTS's sampling coordinates
-  (J and its log-slope at 1 s, the position of log D0 inside the interval the bounds
-  allow; the same for gamma_dot): broad Normals, logit-normal factors on alpha, beta
-  and phi0, zero outside the bounds (:mod:`xpcsfit.cmc.coordinates`).
+  (J's mean and signed rms variation over the measured window, the position of its
+  window-mean amplitude inside the interval the bounds allow; the same for gamma_dot;
+  phi0 on the logit scale): broad Normals, zero outside the bounds
+  (:mod:`xpcsfit.cmc.coordinates`).
 
 In the dashboard the run is the span ``("xpcsfit cmc", "<file> q=<q>")``, with the
 least-squares fit run first (its own "xpcsfit fit" span), the "noise pass" and the

@@ -212,9 +212,9 @@ def make_plan(input, selection: Selection, mode, gap, config, shards, thin,
     laminar_flow gap is defaulted.
     """
     cfg = load_config(config, mode=mode, gap=gap)
-    coords = Coordinates.from_config(cfg)
     thin = DEFAULT_THIN if thin is None else int(thin)
     ds = open_dataset(input, **selection.kwargs())
+    coords = Coordinates.from_config(cfg, ds["t1"].values)
     L, _ = resolve_gap(cfg, ds, stacklevel=3)  # the warning names the caller of cmc
     n_q, n_phi, n_t = ds.sizes["q"], ds.sizes["phi"], ds.sizes["t1"]
     m = -(-n_t // thin)

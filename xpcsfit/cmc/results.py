@@ -294,10 +294,10 @@ def _likelihood_record(run: CMCRun, ok) -> dict:
 
 def _prior_record(coords, K: int) -> dict:
     return {
-        "kind": "on the sampling coordinates: u (log amplitude inside its allowed interval, logit "
-                "scale) ~ Normal(0, 1); slope s ~ Normal(0, s_max^2); value at 1 s y ~ Normal(centre, "
-                "half-range^2) of the bounds; logit-normal (logit sd 1) factors on alpha, beta, phi0; "
-                "zero outside the bounds",
+        "kind": "on the sampling coordinates: u (window-mean amplitude inside its allowed interval, logit "
+                "scale) ~ Normal(0, 1); signed rms variation over the window ~ Normal(0, largest the bounds "
+                "allow^2); window mean ~ Normal(centre, half-range^2) of the bounds of amplitude + offset; "
+                "logit(phi0 on its bounds) ~ Normal(0, 1); zero outside the bounds",
         "normal_scales": {n: list(v) for n, v in coords.prior_scales().items()},
         "logit_sd": PRIOR_SD,
         "bounds": {n: [a, b] for n, a, b in zip(coords.names, coords.lower, coords.upper)},
@@ -314,12 +314,12 @@ def _sampling_record(run: CMCRun) -> dict:
     return {
         "posterior": "the full model as asked (every physics parameter free, within its bounds); no "
                      "parameter is fixed or reduced, so the reported J(t) and gamma_dot(t) are its posterior",
-        "coordinates": "NUTS walks the sampling coordinates of xpcsfit.cmc.coordinates (per power law the "
-                       "amplitude position u, the slope and the value of the curve at 1 s; phi0), standardised by the "
-                       "Hessian of the shard target at the least-squares point",
+        "coordinates": "NUTS walks the sampling coordinates of xpcsfit.cmc.coordinates (per power law its mean and "
+                       "signed rms variation over the measured window, which the data determine, and the position u "
+                       "of its window-mean amplitude, which they may not; phi0 on the logit scale), standardised by "
+                       "the Hessian of the shard target at the least-squares point",
         "known_limit": "when alpha ≈ 0 and beta ≈ 0 an amplitude and its offset are not separately determined: "
-                       "u is set by its prior and the width the data leave the slope changes many-fold along u "
-                       "(a funnel); shards may then report divergences and low ESS (README, CMC, Known limit)",
+                       "u is then set by its prior; J(t) and gamma_dot(t) over the window are not",
         "least_squares_warnings": [w for w in run.initial.result.warnings if "determined" in w],
         "mass_matrix": "dense, started from the Hessian of the shard target at the least-squares point",
         "init": "over-dispersed around the least-squares point (about 1 posterior sd), one start per chain",
