@@ -83,7 +83,8 @@ class Coordinates:
         ------
         ConfigError
             A lower bound of D0 or gamma_dot_t0 that is not positive (u is a position of
-            a logarithm), or exponent bounds that do not contain 0.
+            a logarithm), exponent bounds that do not contain 0, or so wide that the
+            window's variation of t**e is not monotone in e over them.
         """
         names = MODES[cfg.mode]
         lower, upper = [], []
@@ -97,7 +98,11 @@ class Coordinates:
             lower.append(float(lo))
             upper.append(float(hi))
         t = np.asarray(t, float)
-        return cls(cfg.mode, tuple(names), tuple(lower), tuple(upper), (float(t.min()), float(t.max())))
+        coords = cls(cfg.mode, tuple(names), tuple(lower), tuple(upper), (float(t.min()), float(t.max())))
+        for _, exponent, _ in coords.blocks:  # their monotonicity is checked now, before any fit
+            coords._table("_h", exponent)
+            coords._table("_k", exponent)
+        return coords
 
     # ------------------------------------------------------------ structure
 
@@ -223,9 +228,10 @@ class Coordinates:
     def _block(self, u, d, y, names):
         """(A, e, o) of one power law from its (u, Δ, y); JAX, any shape."""
         import jax
+        import jax.numpy as jnp
 
         a, b = self._interval(d, y, names)
-        A_m = jax.numpy.exp(a + (b - a) * jax.nn.sigmoid(u))
+        A_m = jnp.exp(a + (b - a) * jax.nn.sigmoid(u))
         e = self._solve("_h", d / A_m, names[1])
         M, _ = self._mean_and_spread(e)
         return A_m / M, e, y - A_m
@@ -285,8 +291,9 @@ class Coordinates:
             out["logit_phi0"] = (0.0, PRIOR_SD)
         return out
 
-    def log_prior(self, w):
-        """log prior density of w (untempered); JAX.
+    def log_prior(self, w, theta):
+        """log prior density of w (untempered), given ``theta = to_theta(w)`` (the caller
+        has it already for the likelihood: the map is the costly part); JAX.
 
         Independent Normals on the sampling coordinates (:meth:`prior_scales`): u ~
         N(0, 1) (the position of log A_m in its allowed interval, on the logit scale),
@@ -300,12 +307,8 @@ class Coordinates:
         lp = 0.0
         for name, (c, sd) in self.prior_scales().items():
             lp = lp + _normal_logpdf(w[..., self.w_names.index(name)] - c, sd)
-        for k, names in enumerate(self.blocks):
-            theta = self._block(w[..., 3 * k], w[..., 3 * k + 1], w[..., 3 * k + 2], names)
-            for name, v in zip(names, theta):
-                lo, hi = self._b(name)
-                lp = lp + jnp.where((v >= lo) & (v <= hi), 0.0, -jnp.inf)
-        return lp
+        inside = jnp.all((theta >= jnp.asarray(self.lower)) & (theta <= jnp.asarray(self.upper)), axis=-1)
+        return lp + jnp.where(inside, 0.0, -jnp.inf)
 
 
 def _logit(x):

@@ -159,7 +159,7 @@ def shard_data(pieces, index: int, n_shards: int, n_bins: int) -> ShardData:
 def log_target(w, spec: ShardSpec, data: ShardData):
     """The shard's log density of w: prior^(1/K) times the shard likelihood."""
     theta = spec.coords.to_theta(w)
-    return spec.coords.log_prior(w) / spec.n_shards + log_likelihood(
+    return spec.coords.log_prior(w, theta) / spec.n_shards + log_likelihood(
         theta, data, spec.var, spec.coords.mode, spec.L)
 
 
