@@ -320,7 +320,8 @@ def _multi_start(solver, evaluator, ds, cfg, layout, L, x0, lower, upper, client
     (outcomes, best index, starts (n, P))."""
     t = ds["t1"].values
     times = window_times(t[0], t[-1])
-    xs = draw_starts(x0, lower, upper, layout.p, cfg.starts, cfg.starts_seed, times, evaluator.costs, layout.n_bins)
+    xs = draw_starts(x0, lower, upper, layout.physics, cfg.starts, cfg.starts_seed, times, evaluator.costs,
+                     layout.n_bins)
     say(progress, f"xpcsfit: fitting from {cfg.starts} starts (Latin hypercube, seed {cfg.starts_seed}) "
                   f"as parallel tasks")
     outcomes = run_starts(client, specs, layout, cfg.mode, L, cfg.solver.model_dump(), times, xs, lower, upper,
