@@ -88,8 +88,10 @@ def _from_unit(u, lower, upper) -> np.ndarray:
 
 def positive_transport(theta: np.ndarray, times) -> np.ndarray:
     """(n,) bool: J(t) > 0 and finite at every time of the window, for each row of theta (n, p)."""
-    J = np.stack([transport_coefficient(th, np.asarray(times, float)) for th in np.atleast_2d(theta)])
-    return np.all(np.isfinite(J) & (J > 0), axis=1)
+    # theta's columns as (n, 1) against times (m,): J (n, m) in one broadcast
+    J = transport_coefficient(np.atleast_2d(theta).T[:, :, None], np.asarray(times, float))
+    with np.errstate(invalid="ignore"):
+        return np.all(np.isfinite(J) & (J > 0), axis=1)
 
 
 def draw_starts(x0, lower, upper, names, n: int, seed: int, times, costs, n_bins: int,
@@ -183,8 +185,8 @@ def scale_amplitudes(starts, lower, upper, names, times, costs, grid: int = SCAL
     offset multiplied by each factor of :func:`amplitude_factors`), the exponent
     (:data:`EXPONENT_GRID` values evenly over its bounds, each with the power-law term's
     largest magnitude over the window held and multiplied by each of :data:`LEVELS`)
-    and the prefactor alone (``grid`` log-spaced
-    values over its bounds: how the curve splits between power law and offset).
+    and the prefactor alone (``grid`` log-spaced values over its bounds: how the curve
+    splits between power law and offset).
     Candidates are clipped into :func:`inner_bounds` (a term on its bound keeps it
     while the other carries the amplitude); those with J(t) ≤ 0 somewhere in ``times``
     are dropped.
@@ -211,8 +213,9 @@ def scale_amplitudes(starts, lower, upper, names, times, costs, grid: int = SCAL
     times : ndarray
         The window, s.
     costs : callable(xs (m, P)) -> (m,)
-        One cost pass; called three times per curve and sweep, with
-        n·(grid + 1), n·(EXPONENT_GRID·len(LEVELS) + 1) and n·(grid + 1) rows.
+        One cost pass; called three times per curve and sweep, with at most
+        n·(grid + 2), n·(EXPONENT_GRID·len(LEVELS) + 1) and n·(grid + 1) rows (those
+        with J(t) > 0).
     grid, sweeps : int
 
     Returns
@@ -255,7 +258,9 @@ def _lowest(xs, trial, inner_lo, inner_hi, p, times, costs) -> np.ndarray:
     n, m, P = trial.shape
     trial = np.concatenate([np.clip(trial, inner_lo, inner_hi), xs[:, None, :]], axis=1)
     flat = trial.reshape(-1, P)
-    c = np.where(positive_transport(flat[:, :p], times), np.asarray(costs(flat), float), np.inf)
+    ok = positive_transport(flat[:, :p], times)  # the starts' own rows among them: never empty
+    c = np.full(len(flat), np.inf)
+    c[ok] = np.asarray(costs(flat[ok]), float)  # no cost pass for rows that cannot be chosen
     c = np.where(np.isfinite(c), c, np.inf).reshape(n, m + 1)
     return trial[np.arange(n), np.argmin(c, axis=1)]
 
