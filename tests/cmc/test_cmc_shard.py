@@ -62,3 +62,26 @@ def test_likelihood_peaks_at_truth(lattices):
     ll0 = float(log_likelihood(truth, data, var, "static", 2e6))
     for scale in (0.9, 1.1):
         assert float(log_likelihood(truth * jnp.array([scale, 1.0, 1.0]), data, var, "static", 2e6)) < ll0 - 10
+
+
+def test_padding_to_common_shapes_leaves_every_likelihood_unchanged(lattices):
+    """Shards padded to one shape (so a worker compiles once) have the same likelihood:
+    the masked points count for nothing."""
+    import jax.numpy as jnp
+
+    from xpcsfit.cmc.likelihood import pad_to_common_shapes
+
+    _, pieces = lattices
+    parts = [shard_data(pieces, k, 3, 3) for k in range(3)]
+    padded = pad_to_common_shapes(parts)
+    sizes = {p.groups[0]["t1"].size for p in padded}
+    longest = max(p.groups[0]["t1"].size for p in parts)
+    assert len(sizes) == 1 and sizes.pop() == longest
+    assert any(p.groups[0]["t1"].size < longest for p in parts)  # some shard was padded
+    var = np.full(3, 1e-4)
+    for theta in ([1.0e4, -0.6, 5.0e3], [2.0e4, 0.1, 1.0e3]):
+        theta = jnp.array(theta)
+        for raw, pad in zip(parts, padded):
+            assert pad.n_points == raw.n_points
+            np.testing.assert_allclose(float(log_likelihood(theta, pad, var, "static", 2e6)),
+                                       float(log_likelihood(theta, raw, var, "static", 2e6)), rtol=1e-12)

@@ -20,7 +20,15 @@ Sampling coordinates w
     parameter inside its bounds by construction (no wall to cross; see
     :meth:`Coordinates._interval`). "Over the window" is over N_WINDOW equally spaced
     times between the first and the last frame of the selection (the data constrain f
-    uniformly in t: every frame pair integrates it over [t1, t2]).
+    uniformly in t: every frame pair integrates it over [t1, t2]), and of f's moving
+    average over ``averaged`` of those times (8 of 256, 1/32 of the window, where the
+    map stays invertible over the exponent bounds; fewer otherwise, down to 1, f
+    itself). Why the average: the data see f only through its integrals over frame
+    pairs, so a steep power law (e -> -2) that spikes in the first frames of the window
+    is barely seen by them, but its raw rms variation is large; in the raw coordinates
+    the shards' Δ had a long tail there (to -0.75·y on flow_small) that NUTS crossed
+    with step sizes of 0.08-0.3 and 15-35 leapfrog steps a draw; averaged, the tail is
+    gone (step sizes 0.43-0.48, 8 steps a draw, 2026-12-03).
 
 Prior (weakly informative, inside the bounds), defined on w
     u ~ Normal(0, 1) (log A_m anywhere in its allowed interval, the middle favoured);
@@ -49,7 +57,10 @@ from xpcsfit.parameters import MODES
 PRIOR_SD = 1.0  # sd of u (amplitude position, logit scale) and of logit(phi0)
 N_WINDOW = 256  # times over the window at which the level and the variation are taken
 _SERIES_BELOW = 1e-5  # |e| below which (t**e - 1)/e is its Taylor series (0/0 at e = 0)
-_NEWTON_STEPS = 3  # from an interpolated start on a 1025-point table: below 1e-15 in e
+# Window times in the moving average the level and the variation are taken of, the
+# largest of these that keeps the coordinates invertible over the exponent bounds.
+AVERAGED = (N_WINDOW // 32, N_WINDOW // 64, N_WINDOW // 128, 1)
+TABLE_POINTS = 1025  # exponent grid of the window functionals' tables
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,9 @@ class Coordinates:
         lower > 0, alpha and beta lower < 0 < upper.
     window : tuple of float
         (first, last) frame time of the selection, s, first < last.
+    averaged : int
+        Window times (of N_WINDOW) in the moving average of f whose mean and rms
+        variation are the level and the variation (1: f itself); see the module notes.
     """
 
     mode: str
@@ -73,6 +87,7 @@ class Coordinates:
     lower: tuple
     upper: tuple
     window: tuple
+    averaged: int = 1
 
     @classmethod
     def from_config(cls, cfg, t) -> "Coordinates":
@@ -98,11 +113,15 @@ class Coordinates:
             lower.append(float(lo))
             upper.append(float(hi))
         t = np.asarray(t, float)
-        coords = cls(cfg.mode, tuple(names), tuple(lower), tuple(upper), (float(t.min()), float(t.max())))
-        for _, exponent, _ in coords.blocks:  # their monotonicity is checked now, before any fit
-            coords._table("_h", exponent)
-            coords._table("_k", exponent)
-        return coords
+        window = (float(t.min()), float(t.max()))
+        for averaged in AVERAGED:  # invertibility is checked now, before any fit
+            coords = cls(cfg.mode, tuple(names), tuple(lower), tuple(upper), window, averaged)
+            failing = [exponent for _, exponent, _ in coords.blocks if not coords._invertible(exponent)]
+            if not failing:
+                return coords
+        n = failing[0]
+        raise ConfigError(f"bounds.{n}: the variation of t**{n} over the window is not monotone in {n} over "
+                          f"[{coords._b(n)[0]}, {coords._b(n)[1]}]; narrow the bounds")
 
     # ------------------------------------------------------------ structure
 
@@ -131,64 +150,82 @@ class Coordinates:
 
     # ------------------------------------------------------------ the window functionals
 
-    def _mean_and_spread(self, e, xp=None):
-        """M(e) = mean of t**e and S(e) = rms of (t**e - 1)/e about its mean, over the
-        window (same shape as e); smooth through e = 0 (S(0) = rms of ln t). JAX, or
-        NumPy with ``xp=np``."""
-        if xp is None:
-            import jax.numpy as xp
+    def _window_functionals(self, e):
+        """M(e) = mean of t**e, S(e) = rms of (t**e - 1)/e about its mean over the
+        window, both of their moving averages over ``averaged`` window times, and their
+        derivatives in e: (M, M', S, S'), NumPy, each the shape of e. Smooth through
+        e = 0 (S(0) = rms of ln t)."""
         L = self._log_t()
-        e = xp.asarray(e)[..., None]
-        small = xp.abs(e) < _SERIES_BELOW
-        e_safe = xp.where(small, 1.0, e)
-        E = xp.where(small, L + e * L * L / 2 + e * e * L ** 3 / 6, xp.expm1(e_safe * L) / e_safe)
-        mean = E.mean(axis=-1)
-        spread = xp.sqrt(((E - mean[..., None]) ** 2).mean(axis=-1))
-        return 1.0 + e[..., 0] * mean, spread
+        e = np.asarray(e, float)[..., None]
+        small = np.abs(e) < _SERIES_BELOW
+        e_safe = np.where(small, 1.0, e)
+        te = np.exp(e * L)
+        E = np.where(small, L + e * L * L / 2 + e * e * L ** 3 / 6, np.expm1(e_safe * L) / e_safe)
+        dE = np.where(small, L * L / 2 + e * L ** 3 / 3, (te * L - E) / e_safe)
+        teL, te, E, dE = (self.averaged_over_window(v) for v in (te * L, te, E, dE))
+        Ec = E - E.mean(axis=-1, keepdims=True)
+        dEc = dE - dE.mean(axis=-1, keepdims=True)
+        S = np.sqrt((Ec * Ec).mean(axis=-1))
+        return te.mean(axis=-1), teL.mean(axis=-1), S, (Ec * dEc).mean(axis=-1) / S
 
-    def _h(self, e, xp=None):
-        """h(e) = Δ / A_m = e·S(e)/M(e): increasing in e, 0 at e = 0."""
-        M, S = self._mean_and_spread(e, xp)
-        return e * S / M
+    def averaged_over_window(self, f) -> np.ndarray:
+        """f's moving average over the window, the curve whose mean is the level y and
+        whose rms variation is |Δ|.
 
-    def _k(self, e, xp=None):
-        """k(e) = Δ / A = e·S(e): increasing in e, 0 at e = 0."""
-        return e * self._mean_and_spread(e, xp)[1]
+        Parameters
+        ----------
+        f : ndarray (..., N_WINDOW)
+            Values at the window times ``exp(_log_t())``.
+
+        Returns
+        -------
+        ndarray (..., N_WINDOW - averaged + 1)
+        """
+        return _moving_average(np.asarray(f, float), self.averaged)
+
+    def _mean_and_spread(self, e):
+        """(M(e), S(e)) of :meth:`_window_functionals`, NumPy."""
+        M, _, S, _ = self._window_functionals(e)
+        return M, S
 
     @functools.lru_cache(maxsize=8)
-    def _table(self, kind, exponent):
-        """(e grid, h(e) or k(e)) over the exponent's bounds, NumPy (1025 points)."""
+    def _table(self, exponent):
+        """The window functionals tabulated over the exponent's bounds, NumPy.
+
+        Returns a dict of (TABLE_POINTS,) arrays: ``e`` (the grid), ``M``, ``h`` =
+        e·S/M (= Δ / A_m) and ``k`` = e·S (= Δ / A), each with its derivative in e
+        (``dM``, ``dh``, ``dk``). h and k increase with e (checked: the coordinates need
+        them invertible), 0 at e = 0.
+        """
         lo, hi = self._b(exponent)
-        grid = np.linspace(lo, hi, 1025)
-        table = getattr(self, kind)(grid, np)
-        if not np.all(np.diff(table) > 0):
-            raise ConfigError(f"bounds.{exponent}: the variation of t**{exponent} over the window is not "
-                              f"monotone in {exponent} over [{lo}, {hi}]; narrow the bounds")
-        return grid, table
+        e = np.linspace(lo, hi, TABLE_POINTS)
+        M, dM, S, dS = self._window_functionals(e)
+        table = {"e": e, "M": M, "dM": dM, "h": e * S / M, "dh": (S + e * dS) / M - e * S * dM / (M * M),
+                 "k": e * S, "dk": S + e * dS}
+        return table
+
+    def _invertible(self, exponent) -> bool:
+        """Whether h and k increase over the exponent's bounds (the map needs their inverses)."""
+        table = self._table(exponent)
+        return bool(np.all(table["dh"] > 0) and np.all(table["dk"] > 0)
+                    and np.all(np.diff(table["h"]) > 0) and np.all(np.diff(table["k"]) > 0))
+
+    def _M(self, e, exponent):
+        """M(e) (JAX), interpolated in the table: C¹, no pass over the window in a gradient."""
+        t = self._table(exponent)
+        return _hermite(e, t["e"], t["M"], t["dM"])
 
     def _solve(self, kind, r, exponent):
-        """e with h(e) = r (``kind`` "_h") or k(e) = r ("_k"), clipped into the range
+        """e with h(e) = r (``kind`` "h") or k(e) = r ("k"), clipped into the range
         over the exponent's bounds; JAX.
 
-        Interpolated in the table, then Newton steps outside autodiff, then one last
-        step that carries the derivative: de/dr = 1/f'(e) at the root (the implicit
-        function theorem), exact to first order, at a fraction of the cost of
-        differentiating every step (second derivatives of e, used only to standardise
-        the sampling coordinates, are approximate).
+        The inverse is the cubic Hermite interpolant through the table's points (r_i,
+        e_i) with slopes 1/f'(e_i): C¹ in r (leapfrog steps meet no kink), exact to
+        ~1e-12 in e with the table's 1025 points, and a few operations instead of
+        Newton steps over the window in every gradient.
         """
-        import jax
-        import jax.numpy as jnp
-
-        grid, table = self._table(kind, exponent)
-        f = getattr(self, kind)
-        r = jnp.clip(r, table[0], table[-1])
-        e = jax.lax.stop_gradient(jnp.interp(r, table, grid))
-        rr = jax.lax.stop_gradient(r)
-        for _ in range(_NEWTON_STEPS):
-            v, dv = jax.jvp(f, (e,), (jnp.ones_like(e),))
-            e = jax.lax.stop_gradient(jnp.clip(e - (v - rr) / dv, grid[0], grid[-1]))
-        v, dv = jax.jvp(f, (e,), (jnp.ones_like(e),))
-        return e - (v - r) / jax.lax.stop_gradient(dv)
+        t = self._table(exponent)
+        return _hermite(r, t[kind], t["e"], 1.0 / t["d" + kind])
 
     def _interval(self, d, y, names):
         """(a, b): log of the smallest and largest window-mean amplitude A_m allowed by
@@ -209,12 +246,12 @@ class Coordinates:
         amp, exponent, offset = names
         a_lo, a_hi = self._b(amp)
         o_lo, o_hi = self._b(offset)
-        _, h = self._table("_h", exponent)
+        h = self._table(exponent)["h"]
         m = jnp.where(d > 0, d / h[-1], d / h[0])
         dd = jnp.maximum(y - o_hi, 0.0)
         c = jnp.maximum(y - o_lo, 1e-300)
-        amp_low = a_lo * self._mean_and_spread(self._solve("_k", d / a_lo, exponent))[0]
-        amp_high = a_hi * self._mean_and_spread(self._solve("_k", d / a_hi, exponent))[0]
+        amp_low = a_lo * self._M(self._solve("k", d / a_lo, exponent), exponent)
+        amp_high = a_hi * self._M(self._solve("k", d / a_hi, exponent), exponent)
         k = 16.0
         a = 0.5 * jnp.log(amp_low ** 2 + m * m + dd * dd)
         b = -jnp.logaddexp(-k * jnp.log(amp_high), -k * jnp.log(c)) / k
@@ -232,9 +269,8 @@ class Coordinates:
 
         a, b = self._interval(d, y, names)
         A_m = jnp.exp(a + (b - a) * jax.nn.sigmoid(u))
-        e = self._solve("_h", d / A_m, names[1])
-        M, _ = self._mean_and_spread(e)
-        return A_m / M, e, y - A_m
+        e = self._solve("h", d / A_m, names[1])
+        return A_m / self._M(e, names[1]), e, y - A_m
 
     def to_theta(self, w):
         """θ (…, p) from w (…, p); JAX-traceable."""
@@ -283,7 +319,7 @@ class Coordinates:
             a_lo, a_hi = self._b(amp)
             o_lo, o_hi = self._b(offset)
             names = self.w_names[3 * k: 3 * k + 3]
-            most = max(abs(float(v)) for v in self._table("_k", exponent)[1][[0, -1]])
+            most = max(abs(float(v)) for v in self._table(exponent)["k"][[0, -1]])
             out[names[0]] = (0.0, PRIOR_SD)
             out[names[1]] = (0.0, most * a_hi)
             out[names[2]] = (0.5 * (a_lo + a_hi + o_lo + o_hi), 0.5 * (a_hi - a_lo + o_hi - o_lo))
@@ -309,6 +345,28 @@ class Coordinates:
             lp = lp + _normal_logpdf(w[..., self.w_names.index(name)] - c, sd)
         inside = jnp.all((theta >= jnp.asarray(self.lower)) & (theta <= jnp.asarray(self.upper)), axis=-1)
         return lp + jnp.where(inside, 0.0, -jnp.inf)
+
+
+def _moving_average(a, n):
+    """Means of n consecutive values along the last axis ("valid": len - n + 1 of them)."""
+    c = np.cumsum(np.concatenate([np.zeros(a.shape[:-1] + (1,)), a], axis=-1), axis=-1)
+    return (c[..., n:] - c[..., :-n]) / n
+
+
+def _hermite(x, xs, ys, slopes):
+    """Cubic Hermite interpolant through (xs[i], ys[i]) with slopes ``slopes[i]`` at x
+    (JAX, any shape; xs increasing NumPy, x clipped into [xs[0], xs[-1]])."""
+    import jax.numpy as jnp
+
+    x = jnp.clip(x, xs[0], xs[-1])
+    i = jnp.clip(jnp.searchsorted(jnp.asarray(xs), x, side="right") - 1, 0, len(xs) - 2)
+    x0, x1 = jnp.asarray(xs)[i], jnp.asarray(xs)[i + 1]
+    y0, y1 = jnp.asarray(ys)[i], jnp.asarray(ys)[i + 1]
+    w = x1 - x0
+    m0, m1 = jnp.asarray(slopes)[i] * w, jnp.asarray(slopes)[i + 1] * w
+    s = (x - x0) / w
+    s2, s3 = s * s, s * s * s
+    return (2 * s3 - 3 * s2 + 1) * y0 + (s3 - 2 * s2 + s) * m0 + (-2 * s3 + 3 * s2) * y1 + (s3 - s2) * m1
 
 
 def _logit(x):

@@ -50,6 +50,7 @@ import time
 import numpy as np
 
 from xpcsfit.cmc import combine as comb
+from xpcsfit.cmc.likelihood import pad_to_common_shapes
 from xpcsfit.cmc.plan import (
     CMCRun,
     InitialFit,
@@ -231,7 +232,7 @@ def _sample(cl, plan: Plan, initial: InitialFit, sampler: SamplerSettings, combi
     noise, pieces = _tile_pass(cl, plan, initial.result)
     say(progress, _noise_line(noise))
     specs = _shard_specs(plan, noise, initial.result, sampler)
-    points = [shard_data(pieces, s.index, s.n_shards, plan.layout.n_bins) for s in specs]
+    points = pad_to_common_shapes([shard_data(pieces, s.index, s.n_shards, plan.layout.n_bins) for s in specs])
     del pieces  # each shard's points now travel with its task
     run = CMCRun(plan=plan, sampler=sampler, combine=combine, noise=noise, initial=initial)
     return run, _run_shards(cl, specs, points, progress)

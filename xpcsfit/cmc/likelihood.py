@@ -19,22 +19,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 
 from xpcsfit.model import g1_squared_pairs
 
+_ARRAYS = ("t1", "t2", "yc", "mask")  # per group, traced under jit; q, phi, bins are static
 
+
+@jax.tree_util.register_pytree_node_class
 @dataclass
 class ShardData:
-    """The points one shard conditions on, grouped by q.
+    """The points one shard conditions on, grouped by q; a JAX pytree (its arrays are
+    traced under ``jax.jit``, the q, phi and bins of each group are static).
 
     Attributes
     ----------
     groups : list of dict
-        Per q: ``q`` (1/Å), ``phi`` (n_phi,) deg, ``t1``, ``t2`` (n,) s with t2 > t1,
-        ``yc`` (n_phi, n) c2 minus its per-bin mean, ``bins`` (n_phi,) global bin index.
+        Per q: ``q`` (1/Å), ``phi`` (n_phi,) deg, ``bins`` (n_phi,) global bin index,
+        ``t1``, ``t2`` (n,) s with t2 > t1, ``yc`` (n_phi, n) c2 minus its per-bin mean,
+        ``mask`` (n,) 1 for a point, 0 for padding (:func:`pad_to_common_shapes`;
+        padded points repeat a real pair's times and have yc = 0).
     n : ndarray (n_bins,)
-        Points per bin.
+        Points per bin (padding not counted).
     syy : ndarray (n_bins,)
         Σ yc² per bin.
     """
@@ -45,10 +52,40 @@ class ShardData:
 
     @property
     def n_points(self) -> int:
-        return int(self.n.sum())
+        return int(np.sum(self.n))
+
+    def tree_flatten(self):
+        children = ([tuple(g[k] for k in _ARRAYS) for g in self.groups], self.n, self.syy)
+        static = tuple((float(g["q"]), tuple(np.asarray(g["phi"], float)), tuple(np.asarray(g["bins"], int)))
+                       for g in self.groups)
+        return children, static
+
+    @classmethod
+    def tree_unflatten(cls, static, children):
+        arrays, n, syy = children
+        groups = [dict(zip(_ARRAYS, a), q=q, phi=np.asarray(phi), bins=np.asarray(bins))
+                  for (q, phi, bins), a in zip(static, arrays)]
+        return cls(groups=groups, n=n, syy=syy)
 
 
-def log_likelihood(theta, data: ShardData, var: np.ndarray, mode: str, L: float):
+def pad_to_common_shapes(shards: list[ShardData]) -> list[ShardData]:
+    """The shards with each q group padded to the longest of all shards (masked points),
+    so that every shard of a run has the same array shapes and a worker compiles its
+    NUTS sampler once for all the shards it runs."""
+    longest = [max(s.groups[k]["t1"].size for s in shards) for k in range(len(shards[0].groups))]
+    out = []
+    for s in shards:
+        groups = []
+        for g, size in zip(s.groups, longest):
+            pad = size - g["t1"].size
+            groups.append(dict(g, t1=np.pad(g["t1"], (0, pad), mode="edge"),
+                               t2=np.pad(g["t2"], (0, pad), mode="edge"),
+                               yc=np.pad(g["yc"], ((0, 0), (0, pad))), mask=np.pad(g["mask"], (0, pad))))
+        out.append(ShardData(groups=groups, n=s.n, syy=s.syy))
+    return out
+
+
+def log_likelihood(theta, data: ShardData, var, mode: str, L: float):
     """Σ over bins of the contrast/offset-marginal Gaussian log likelihood (JAX).
 
     Parameters
@@ -56,7 +93,7 @@ def log_likelihood(theta, data: ShardData, var: np.ndarray, mode: str, L: float)
     theta : array (p,)
         Physics parameters in ``xpcsfit.parameters.MODES[mode]`` order.
     data : ShardData
-    var : ndarray (n_bins,)
+    var : array (n_bins,)
         Noise variance per bin (c2 units²).
     mode : {"static", "laminar_flow"}
     L : float
@@ -70,8 +107,8 @@ def log_likelihood(theta, data: ShardData, var: np.ndarray, mode: str, L: float)
 
     total = 0.0
     for g in data.groups:
-        G = jnp.broadcast_to(g1_squared_pairs(theta, mode, g["q"], L, g["phi"], g["t1"], g["t2"]),
-                             g["yc"].shape)
+        G = g1_squared_pairs(theta, mode, g["q"], L, g["phi"], g["t1"], g["t2"]) * g["mask"]
+        G = jnp.broadcast_to(G, g["yc"].shape)
         b = g["bins"]
         n = data.n[b]
         sg = G.sum(axis=1)

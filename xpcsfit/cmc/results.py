@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from xpcsfit.cmc import combine as comb
-from xpcsfit.cmc.coordinates import PRIOR_SD
+from xpcsfit.cmc.coordinates import N_WINDOW, PRIOR_SD
 from xpcsfit.cmc.plan import CMCRun
 from xpcsfit.errors import SamplingError
 from xpcsfit.io.result_dir import result_manifest
@@ -314,14 +314,17 @@ def _sampling_record(run: CMCRun) -> dict:
     return {
         "posterior": "the full model as asked (every physics parameter free, within its bounds); no "
                      "parameter is fixed or reduced, so the reported J(t) and gamma_dot(t) are its posterior",
-        "coordinates": "NUTS walks the sampling coordinates of xpcsfit.cmc.coordinates (per power law its mean and "
-                       "signed rms variation over the measured window, which the data determine, and the position u "
-                       "of its window-mean amplitude, which they may not; phi0 on the logit scale), standardised by "
-                       "the Hessian of the shard target at the least-squares point",
+        "coordinates": "NUTS walks the sampling coordinates of xpcsfit.cmc.coordinates (per power law the mean and "
+                       "signed rms variation over the measured window of its moving average, which the data "
+                       "determine, and the position u of its window-mean amplitude, which they may not; phi0 on the "
+                       "logit scale), whitened by the Hessian of the shard target at the least-squares point",
+        "moving_average": {"window_times": run.plan.coords.averaged, "of": N_WINDOW,
+                           "seconds": (run.plan.coords.window[1] - run.plan.coords.window[0])
+                           * run.plan.coords.averaged / N_WINDOW},
         "known_limit": "when alpha ≈ 0 and beta ≈ 0 an amplitude and its offset are not separately determined: "
                        "u is then set by its prior; J(t) and gamma_dot(t) over the window are not",
         "least_squares_warnings": [w for w in run.initial.result.warnings if "determined" in w],
-        "mass_matrix": "dense, started from the Hessian of the shard target at the least-squares point",
+        "mass_matrix": "dense, adapted in the whitened coordinates (started from the identity there)",
         "init": "over-dispersed around the least-squares point (about 1 posterior sd), one start per chain",
         "chain_method": CHAIN_METHOD,
         "chain_method_why": "on a CPU worker vectorised chains cost more than the chains in turn (README, CMC)",

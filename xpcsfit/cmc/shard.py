@@ -10,6 +10,8 @@ is one NumPyro NUTS task on them, sampling the coordinates of
 
 from __future__ import annotations
 
+import functools
+import threading
 import time
 from dataclasses import dataclass
 
@@ -152,68 +154,106 @@ def shard_data(pieces, index: int, n_shards: int, n_bins: int) -> ShardData:
         syy[bins] = (yc * yc).sum(axis=1)
         t1 = np.concatenate([p[1] for p in kept])
         t2 = np.concatenate([p[2] for p in kept])
-        groups.append(dict(q=first["q"], phi=first["phi"], t1=t1, t2=t2, yc=yc, bins=bins))
+        groups.append(dict(q=first["q"], phi=first["phi"], t1=t1, t2=t2, yc=yc, bins=bins, mask=np.ones(t1.size)))
     return ShardData(groups=groups, n=n, syy=syy)
 
 
 def log_target(w, spec: ShardSpec, data: ShardData):
     """The shard's log density of w: prior^(1/K) times the shard likelihood."""
-    theta = spec.coords.to_theta(w)
-    return spec.coords.log_prior(w, theta) / spec.n_shards + log_likelihood(
-        theta, data, spec.var, spec.coords.mode, spec.L)
+    return _log_target(w, data, spec.var, spec.coords, spec.L, spec.n_shards)
 
 
-def _standardisation(spec: ShardSpec, data: ShardData):
-    """Centre, scale and correlation of w from the Hessian of the log target at w_start.
+def _log_target(w, data, var, coords: Coordinates, L: float, n_shards: int):
+    theta = coords.to_theta(w)
+    return coords.log_prior(w, theta) / n_shards + log_likelihood(theta, data, var, coords.mode, L)
 
-    NUTS samples z = (w - centre)/scale, so that the mass-matrix regularisation (towards
-    the identity) and the first step sizes see unit scales; the correlation matrix is
-    the initial inverse mass matrix.
+
+@functools.lru_cache(maxsize=8)
+def _compiled(coords: Coordinates, L: float, n_shards: int):
+    """The jitted log target, its Hessian and the map to θ of one run's shards.
+
+    Cached per worker process: the shards of a run share these static settings and
+    (padded, :func:`~xpcsfit.cmc.likelihood.pad_to_common_shapes`) their array shapes,
+    so the second shard on a worker compiles nothing.
     """
     import jax
 
+    target = functools.partial(_log_target, coords=coords, L=L, n_shards=n_shards)
+    return {"value": jax.jit(target), "hessian": jax.jit(jax.hessian(target)),
+            "theta": jax.jit(jax.vmap(coords.to_theta))}
+
+
+@functools.lru_cache(maxsize=8)
+def _sampler(coords: Coordinates, L: float, n_shards: int, settings: SamplerSettings, thread: int):
+    """numpyro MCMC (NUTS, dense mass matrix) of one run's shards, whose model takes the
+    shard as arguments (``jit_model_args``): compiled once per worker thread and reused
+    by every shard of the same shapes. z are the whitened coordinates w = centre + T·z."""
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.distributions import constraints
+    from numpyro.infer import MCMC, NUTS
+
+    p = len(coords.names)
+
+    def model(centre, T, data, var):
+        z = numpyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), event_shape=(p,)))
+        numpyro.factor("log_target", _log_target(centre + T @ z, data, var, coords, L, n_shards))
+
+    kernel = NUTS(model, dense_mass=True, target_accept_prob=settings.target_accept, max_tree_depth=10)
+    return MCMC(kernel, num_warmup=settings.warmup, num_samples=settings.samples, num_chains=settings.chains,
+                chain_method=CHAIN_METHOD, progress_bar=False, jit_model_args=True)
+
+
+def _whitening(spec: ShardSpec, data: ShardData):
+    """Centre and whitening matrix of w from the Hessian of the log target at w_start.
+
+    NUTS samples z with w = centre + T·z, T T^T the Laplace covariance, so that the
+    mass-matrix adaptation (regularised towards the identity) and the first step sizes
+    see unit scales and no correlation.
+    """
+    import jax.numpy as jnp
+
+    f = _compiled(spec.coords, spec.L, spec.n_shards)
     w0 = np.asarray(spec.w_start, float)
-    H = -np.asarray(jax.hessian(lambda w: log_target(w, spec, data))(w0))
+    H = -np.asarray(f["hessian"](jnp.asarray(w0), data, jnp.asarray(spec.var)))
     p = w0.size
     fallback = np.maximum(np.abs(w0) * 0.1, 1e-12)
     fallback[0] = PRIOR_SD * np.sqrt(spec.n_shards)
     if spec.coords.mode == "laminar_flow":
         fallback[3] = fallback[0]
-    corr = np.eye(p)
-    scale = fallback
+    cov = np.diag(fallback ** 2)
     if np.all(np.isfinite(H)):
         H = 0.5 * (H + H.T)
         d = np.sqrt(np.abs(np.diag(H)))
         d = np.where(d > 0, d, 1.0 / fallback)
-        Hs = H / np.outer(d, d)
-        evals, evecs = np.linalg.eigh(Hs)
+        evals, evecs = np.linalg.eigh(H / np.outer(d, d))
         if evals.max() > 0:
             # Directions the data do not curve (or curve the wrong way at a start that
             # is not the shard's mode) get the largest curvature's 1e-6: wide, not infinite.
             evals = np.maximum(evals, 1e-6 * evals.max())
-            cov = (evecs / evals) @ evecs.T / np.outer(d, d)
-            sd = np.sqrt(np.diag(cov))
-            ok = np.isfinite(sd) & (sd > 0)
-            scale = np.where(ok, sd, fallback)
-            corr = cov / np.outer(scale, scale)
-            corr = 0.5 * (corr + corr.T) + 1e-9 * np.eye(p)
-    return w0, scale, corr
+            laplace = (evecs / evals) @ evecs.T / np.outer(d, d)
+            sd = np.sqrt(np.diag(laplace))
+            if np.all(np.isfinite(sd) & (sd > 0)):
+                cov = laplace
+    cov = 0.5 * (cov + cov.T)
+    sd = np.sqrt(np.diag(cov))
+    return w0, np.linalg.cholesky(cov / np.outer(sd, sd) + 1e-9 * np.eye(p)) * sd[:, None]
 
 
-def _starts(spec, data, centre, scale, corr) -> np.ndarray:
-    """Over-dispersed starts, one per chain: ~1 posterior sd around the least-squares
-    point (so that R-hat can see chains that have not met), pulled in until the log
-    target is finite there."""
-    import jax
+def _starts(spec, data, centre, T) -> np.ndarray:
+    """Over-dispersed starts in z, one per chain: ~1 posterior sd around the
+    least-squares point (so that R-hat can see chains that have not met), pulled in
+    until the log target is finite there."""
+    import jax.numpy as jnp
 
-    f = jax.jit(lambda w: log_target(w, spec, data))
+    f = _compiled(spec.coords, spec.L, spec.n_shards)["value"]
+    var = jnp.asarray(spec.var)
     rng = np.random.default_rng([spec.sampler.seed, spec.index])
-    chol = np.linalg.cholesky(corr)
     out = []
     for _ in range(spec.sampler.chains):
-        z = rng.normal(0.0, 1.0, size=corr.shape[0]) @ chol.T
+        z = rng.normal(0.0, 1.0, size=centre.size)
         for _ in range(30):
-            if np.isfinite(float(f(centre + scale * z))):
+            if np.isfinite(float(f(jnp.asarray(centre + T @ z), data, var))):
                 break
             z = 0.5 * z
         out.append(z)
@@ -238,39 +278,31 @@ def run_shard(spec: ShardSpec, data: ShardData) -> dict:
     started = time.perf_counter()
     import jax
     import jax.numpy as jnp
-    import numpyro
-    import numpyro.distributions as dist
-    from numpyro.distributions import constraints
-    from numpyro.infer import MCMC, NUTS
+    import numpyro.infer  # noqa: F401  before anything is compiled: see below
 
+    # Importing numpyro registers JAX settings that are part of every jit cache key; done
+    # after the first compilation, it made every function of the first shard on a worker
+    # compile twice (measured: +9 s for the Hessian, +14 s for NUTS on flow_small).
     enable_float64()  # the task may run on a worker without xpcsfit's preload
     nuts = spec.sampler
     p = len(spec.coords.names)
-    centre, scale, corr = _standardisation(spec, data)
-    centre_j, scale_j = jnp.asarray(centre), jnp.asarray(scale)
-
-    def model():
-        z = numpyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), event_shape=(p,)))
-        numpyro.factor("log_target", log_target(centre_j + scale_j * z, spec, data))
-
-    z0 = _starts(spec, data, centre, scale, corr)
-    kernel = NUTS(model, dense_mass=True, inverse_mass_matrix={("z",): jnp.asarray(corr)},
-                  target_accept_prob=nuts.target_accept, max_tree_depth=10)
-    mcmc = MCMC(kernel, num_warmup=nuts.warmup, num_samples=nuts.samples, num_chains=nuts.chains,
-                chain_method=CHAIN_METHOD, progress_bar=False)
+    centre, T = _whitening(spec, data)
+    z0 = _starts(spec, data, centre, T)
+    mcmc = _sampler(spec.coords, spec.L, spec.n_shards, nuts, threading.get_ident())
     key = jax.random.PRNGKey(np.uint32(nuts.seed * 100_003 + spec.index))
     init = {"z": jnp.asarray(z0 if nuts.chains > 1 else z0[0])}
-    mcmc.run(key, init_params=init, extra_fields=("diverging", "num_steps", "adapt_state.step_size"))
+    mcmc.run(key, jnp.asarray(centre), jnp.asarray(T), data, jnp.asarray(spec.var), init_params=init,
+             extra_fields=("diverging", "num_steps", "adapt_state.step_size"))
     shape = (nuts.chains, nuts.samples)
     z = np.asarray(mcmc.get_samples(group_by_chain=True)["z"]).reshape(*shape, p)
     extra = mcmc.get_extra_fields(group_by_chain=True)
-    w = centre + scale * z
-    theta = np.asarray(jax.vmap(spec.coords.to_theta)(jnp.asarray(w.reshape(-1, p)))).reshape(w.shape)
+    w = centre + z @ T.T
+    theta = np.asarray(_compiled(spec.coords, spec.L, spec.n_shards)["theta"](jnp.asarray(w.reshape(-1, p))))
     return {
         "index": spec.index,
         "name": spec.name,
         "w": w,
-        "theta": theta,
+        "theta": theta.reshape(w.shape),
         "diverging": np.asarray(extra["diverging"]).reshape(shape),
         "num_steps": np.asarray(extra["num_steps"]).reshape(shape),
         "step_size": np.asarray(extra["adapt_state.step_size"]).reshape(shape)[:, -1],
