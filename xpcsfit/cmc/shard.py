@@ -158,12 +158,13 @@ def shard_data(pieces, index: int, n_shards: int, n_bins: int) -> ShardData:
     return ShardData(groups=groups, n=n, syy=syy)
 
 
-def log_target(w, spec: ShardSpec, data: ShardData):
-    """The shard's log density of w: prior^(1/K) times the shard likelihood."""
-    return _log_target(w, data, spec.var, spec.coords, spec.L, spec.n_shards)
+def log_target(w, data: ShardData, var, coords: Coordinates, L: float, n_shards: int):
+    """The shard's log density of w (p,): prior^(1/K) times the shard likelihood (JAX).
 
-
-def _log_target(w, data, var, coords: Coordinates, L: float, n_shards: int):
+    ``var`` (n_bins,) noise variance per bin, ``L`` the gap in Å, ``n_shards`` K; the
+    prior is :meth:`Coordinates.log_prior`, the likelihood
+    :func:`~xpcsfit.cmc.likelihood.log_likelihood`.
+    """
     theta = coords.to_theta(w)
     return coords.log_prior(w, theta) / n_shards + log_likelihood(theta, data, var, coords.mode, L)
 
@@ -178,7 +179,7 @@ def _compiled(coords: Coordinates, L: float, n_shards: int):
     """
     import jax
 
-    target = functools.partial(_log_target, coords=coords, L=L, n_shards=n_shards)
+    target = functools.partial(log_target, coords=coords, L=L, n_shards=n_shards)
     return {"value": jax.jit(target), "hessian": jax.jit(jax.hessian(target)),
             "theta": jax.jit(jax.vmap(coords.to_theta))}
 
@@ -197,7 +198,7 @@ def _sampler(coords: Coordinates, L: float, n_shards: int, settings: SamplerSett
 
     def model(centre, T, data, var):
         z = numpyro.sample("z", dist.ImproperUniform(constraints.real_vector, (), event_shape=(p,)))
-        numpyro.factor("log_target", _log_target(centre + T @ z, data, var, coords, L, n_shards))
+        numpyro.factor("log_target", log_target(centre + T @ z, data, var, coords, L, n_shards))
 
     kernel = NUTS(model, dense_mass=True, target_accept_prob=settings.target_accept, max_tree_depth=10)
     return MCMC(kernel, num_warmup=settings.warmup, num_samples=settings.samples, num_chains=settings.chains,
