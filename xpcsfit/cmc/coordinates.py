@@ -28,7 +28,7 @@ Sampling coordinates w
     is barely seen by them, but its raw rms variation is large; in the raw coordinates
     the shards' Δ had a long tail there (to -0.75·y on flow_small) that NUTS crossed
     with step sizes of 0.08-0.3 and 15-35 leapfrog steps a draw; averaged, the tail is
-    gone (step sizes 0.43-0.48, 8 steps a draw, 2026-12-03).
+    gone (step sizes 0.36-0.48, 7.5-10 steps a draw, 2026-12-03).
 
 Prior (weakly informative, inside the bounds), defined on w
     u ~ Normal(0, 1) (log A_m anywhere in its allowed interval, the middle favoured);
@@ -122,6 +122,11 @@ class Coordinates:
         n = failing[0]
         raise ConfigError(f"bounds.{n}: the variation of t**{n} over the window is not monotone in {n} over "
                           f"[{coords._b(n)[0]}, {coords._b(n)[1]}]; narrow the bounds")
+
+    @property
+    def averaged_seconds(self) -> float:
+        """Length of the moving average, s (``averaged`` of the N_WINDOW intervals)."""
+        return (self.window[1] - self.window[0]) * self.averaged / N_WINDOW
 
     # ------------------------------------------------------------ structure
 
@@ -358,12 +363,13 @@ def _hermite(x, xs, ys, slopes):
     (JAX, any shape; xs increasing NumPy, x clipped into [xs[0], xs[-1]])."""
     import jax.numpy as jnp
 
+    xs, ys, slopes = (jnp.asarray(v) for v in (xs, ys, slopes))
     x = jnp.clip(x, xs[0], xs[-1])
-    i = jnp.clip(jnp.searchsorted(jnp.asarray(xs), x, side="right") - 1, 0, len(xs) - 2)
-    x0, x1 = jnp.asarray(xs)[i], jnp.asarray(xs)[i + 1]
-    y0, y1 = jnp.asarray(ys)[i], jnp.asarray(ys)[i + 1]
+    i = jnp.clip(jnp.searchsorted(xs, x, side="right") - 1, 0, len(xs) - 2)
+    x0, x1 = xs[i], xs[i + 1]
+    y0, y1 = ys[i], ys[i + 1]
     w = x1 - x0
-    m0, m1 = jnp.asarray(slopes)[i] * w, jnp.asarray(slopes)[i + 1] * w
+    m0, m1 = slopes[i] * w, slopes[i + 1] * w
     s = (x - x0) / w
     s2, s3 = s * s, s * s * s
     return (2 * s3 - 3 * s2 + 1) * y0 + (s3 - 2 * s2 + s) * m0 + (-2 * s3 + 3 * s2) * y1 + (s3 - s2) * m1

@@ -319,8 +319,7 @@ def _sampling_record(run: CMCRun) -> dict:
                        "determine, and the position u of its window-mean amplitude, which they may not; phi0 on the "
                        "logit scale), whitened by the Hessian of the shard target at the least-squares point",
         "moving_average": {"window_times": run.plan.coords.averaged, "of": N_WINDOW,
-                           "seconds": (run.plan.coords.window[1] - run.plan.coords.window[0])
-                           * run.plan.coords.averaged / N_WINDOW},
+                           "seconds": run.plan.coords.averaged_seconds},
         "known_limit": "when alpha ≈ 0 and beta ≈ 0 an amplitude and its offset are not separately determined: "
                        "u is then set by its prior; J(t) and gamma_dot(t) over the window are not",
         "least_squares_warnings": [w for w in run.initial.result.warnings if "determined" in w],
