@@ -8,10 +8,11 @@ because the machine may be shared, the load average before and after each run an
 CPU time of this process and its cluster's worker processes (RUSAGE_CHILDREN counts
 them once they have exited, i.e. after the LocalCluster closes).
 
-    .venv/bin/python benchmarks/bench_cmc.py [--shards 2 4 8] [--thin T] [--warmup 500]
+    .venv/bin/python benchmarks/bench_cmc.py [--shards auto 2 4 8] [--thin T] [--warmup 500]
                                              [--samples 500] [--chains 2] [--workers 2]
 
-Defaults are xpcsfit cmc's own (thin: the command's default when not given).
+Defaults are xpcsfit cmc's own (thin: the command's default when not given; K "auto":
+no --shards, the command chooses, and the chosen K is printed).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ TRUTH = {"J": 2.0e4, "gamma_dot": 2.0e-4}  # J = 2 D_SE, steady shear (shared/da
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(SHARED_DATA / "flow_small.hdf"))
-    ap.add_argument("--shards", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--shards", nargs="+", default=["2", "4", "8"], help="K values, or auto (the command's choice)")
     ap.add_argument("--thin", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=500)
     ap.add_argument("--samples", type=int, default=500)
@@ -56,7 +57,7 @@ def main() -> None:
             with local_cluster(a.workers) as cluster:
                 address = cluster.scheduler_address
                 code = xpcsfit_main([
-                    "cmc", a.data, "--q-index", "8", "--gap", "2e6", "--shards", str(K),
+                    "cmc", a.data, "--q-index", "8", "--gap", "2e6", *([] if K == "auto" else ["--shards", K]),
                     *(["--thin", str(a.thin)] if a.thin else []),
                     "--warmup", str(a.warmup), "--samples", str(a.samples), "--chains", str(a.chains),
                     "--out", str(out), "--scheduler", address, "--quiet"])
@@ -72,7 +73,9 @@ def main() -> None:
             draws = post["draws"].values.reshape(-1, post.sizes["parameter"])
         theta = draws.T[:, :, None]  # (p, S, 1): parameter i of every draw is theta[i]
         J, g = transport_coefficient(theta, t_eval), shear_rate(theta, t_eval)
-        print(f"\n=== K = {K}: wall time {wall:.1f} s (cluster start + LSQ fit + shards + combination + "
+        chosen = s["shard_count"]
+        print(f"\n=== K = {K} ({chosen['K']} shards, {chosen['how']}): wall time {wall:.1f} s "
+              f"(cluster start + LSQ fit + shards + combination + "
               f"outputs; exit code {code}) ===")
         print(f"  CPU time {cpu:.0f} s (this process + workers); load average (1 min) {load_before[0]:.1f} "
               f"before, {load_after[0]:.1f} after, on {os.cpu_count()} cores")

@@ -98,7 +98,9 @@ def _cmc_parser(sub):
     p.add_argument("--mode", help="static or laminar_flow (default: the fit's, else laminar_flow)")
     p.add_argument("--gap", type=float, metavar="L_ANGSTROM", help="gap L, Å (default: the fit's, else 2.0e6)")
     p.add_argument("--config", help="YAML file of fit settings (bounds; used by the least-squares fit too)")
-    p.add_argument("--shards", type=int, metavar="K", help="number of shards (default: from the data size)")
+    p.add_argument("--shards", type=int, metavar="K",
+                   help="number of shards (default: the worker threads, fewer where a shard's data would "
+                        "determine J or gamma_dot to worse than 6 %%)")
     p.add_argument("--warmup", type=int, default=500, metavar="N", help="NUTS warm-up iterations (default 500)")
     p.add_argument("--samples", type=int, default=500, metavar="N", help="draws per chain (default 500)")
     p.add_argument("--chains", type=int, default=2, metavar="C", help="chains per shard (default 2)")

@@ -72,6 +72,23 @@ def test_consensus_matches_full_data_posterior(consensus_runs, sim_truth):
         assert abs(sd_cons / sd_full - 1) < 0.25, (draws, sd_cons, sd_full)
 
 
+def test_the_shard_count_rule_measures_the_posterior_width(consensus_runs):
+    # The default K rests on the Laplace sd of the levels (J's and gamma_dot's window
+    # mean) measured before sampling (xpcsfit.cmc.plan.choose_shards). Against the
+    # full-data NUTS posterior of the same levels: an sd from ~300 effective draws is
+    # uncertain by ~4 %, and this posterior is close to Gaussian, so the two agree
+    # within 15 %.
+    full = consensus_runs["full"]
+    record = full.summary["shard_count"]
+    assert record["K"] == 1 and record["how"] == "given"
+    w = full.sampling_draws.reshape(-1, len(full.sampling_names))
+    for name, rel in record["level_relative_sd_all_points"].items():
+        column = w[:, full.sampling_names.index(name)]
+        assert abs(rel / (column.std() / abs(column.mean())) - 1) < 0.15, name
+    assert consensus_runs["cons"].summary["shard_count"]["level_relative_sd_per_shard"] == pytest.approx(
+        {n: 2 * v for n, v in record["level_relative_sd_all_points"].items()}, rel=0.05)
+
+
 def test_shards_run_as_separate_tasks_on_both_workers(consensus_runs):
     cons = consensus_runs["cons"]
     shard_keys = {k for k in consensus_runs["keys"] if task_kind(k) == "cmc-shard"}

@@ -10,7 +10,7 @@ import pytest
 import xpcsfit
 from xpcsfit.cli import main
 from xpcsfit.cmc.driver import cmc
-from xpcsfit.cmc.plan import shard_count
+from xpcsfit.cmc.plan import MAX_LEVEL_RELATIVE_SD, check_shards, choose_shards
 from xpcsfit.errors import ConfigError, InputError, SamplingError
 
 
@@ -47,12 +47,27 @@ def test_from_fit_missing_or_malformed(flow_small, tmp_path):
         cmc(flow_small, from_fit=bad, progress=False)
 
 
-def test_shard_count_default_and_limit():
-    assert shard_count(250_000, None) == 7  # ~40 000 points per shard
-    assert shard_count(500, None) == 1
-    assert shard_count(250_000, 8) == 8
+def test_given_shard_count_and_its_limit():
+    assert check_shards(250_000, None) is None  # chosen later, from the data
+    assert check_shards(250_000, 8) == 8
     with pytest.raises(ConfigError, match="shards: 300 is too many"):
-        shard_count(250_000, 300)  # fewer than 1 000 points per shard
+        check_shards(250_000, 300)  # fewer than 1 000 points per shard
+
+
+def test_default_shard_count_threads_and_information():
+    # flow_small's levels on all points (2.6 %, 2.5 %): the data support
+    # floor((0.06 / 0.026)^2) = 5 shards
+    levels = {"J_window_mean": 0.026, "gamma_dot_window_mean": 0.025}
+    assert choose_shards(None, 250_000, levels, 2).n_shards == 2  # no more shards than threads
+    wide = choose_shards(None, 250_000, levels, 64)
+    assert (wide.n_shards, wide.most_by_information) == (5, 5)  # no more than the data support
+    assert max(wide.shard_relative_sd().values()) <= MAX_LEVEL_RELATIVE_SD
+    assert wide.warning() is None
+    assert choose_shards(None, 250_000, levels, 0).n_shards == 1  # no worker up yet
+    assert choose_shards(None, 250_000, {"J_window_mean": float("nan")}, 8).n_shards == 1
+    given = choose_shards(72, 2_900_000, {"J_window_mean": 0.02, "gamma_dot_window_mean": 0.018}, 2)
+    assert given.n_shards == 72 and given.given
+    assert "72 shards determine J_window_mean only to 17 % each (at most 9" in given.warning()
 
 
 def test_positive_amplitude_bounds_required(flow_small):

@@ -138,6 +138,13 @@ class Coordinates:
         return out
 
     @property
+    def level_names(self) -> list[str]:
+        """The sampling coordinates that are a transport coefficient's level over the
+        window (J's, and gamma_dot's in laminar_flow): what the data determine best, and
+        what the choice of the number of shards is judged by."""
+        return [n for n in self.w_names if n.endswith("_window_mean")]
+
+    @property
     def w_names(self) -> list[str]:
         out = ["u_D0", "J_variation", "J_window_mean"]
         if self.mode == "laminar_flow":

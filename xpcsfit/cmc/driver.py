@@ -1,9 +1,11 @@
 """``xpcsfit.cmc``: Bayesian uncertainties by Consensus Monte Carlo on Dask (DESIGN.md §5).
 
-Pipeline: options -> plan (selection, shards, tiles; before any cluster starts) ->
+Pipeline: options -> plan (selection, tiles; before any cluster starts) ->
 least-squares fit (or ``from_fit``) -> one pass over the tiles (the evaluator's
 ``map_tiles``: residual variance per bin and correlated-noise inflation,
-:mod:`xpcsfit.noise`, and each tile's lattice points) -> K angle-complete shards,
+:mod:`xpcsfit.noise`, and each tile's lattice points) -> K, when not given, from the
+worker threads and how well the data determine J and gamma_dot
+(:func:`xpcsfit.cmc.plan.choose_shards`) -> K angle-complete shards,
 each one NumPyro NUTS task (``client.submit``, retried; :mod:`xpcsfit.cmc.shard`) ->
 consensus combination and diagnostics (:mod:`xpcsfit.cmc.combine`) -> summary and
 DIR/posterior.zarr, summary.json, PNGs (:mod:`xpcsfit.cmc.results`).
@@ -45,19 +47,23 @@ so a shard whose worker dies is retried elsewhere from the scheduler's copy.
 
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import replace
 
 import numpy as np
 
 from xpcsfit.cmc import combine as comb
 from xpcsfit.cmc.likelihood import pad_to_common_shapes
 from xpcsfit.cmc.plan import (
+    PROBE_POINTS,
     CMCRun,
     InitialFit,
     Plan,
     Selection,
     check_matches,
     check_options,
+    choose_shards,
     defaults_from_fit,
     initial_fit,
     make_plan,
@@ -66,6 +72,7 @@ from xpcsfit.cmc.results import CMCResult, report, summarise, write
 from xpcsfit.cmc.shard import (
     SamplerSettings,
     ShardSpec,
+    laplace_sd,
     run_shard,
     shard_data,
     tile_lattice,
@@ -108,7 +115,8 @@ def cmc(input, *, q=None, q_index=None, phi=None, frames=None, mode=None, gap=No
     gap : float, optional
         Gap L, Å. Default: that of ``from_fit``, else the store's, else 2.0e6 Å (with a warning).
     shards : int, optional
-        K >= 1. Default: from the data size, about 40 000 lattice points per shard.
+        K >= 1. Default: the cluster's worker threads, fewer where a shard would determine
+        J's or gamma_dot's window mean to worse than 6 % (:func:`xpcsfit.cmc.plan.choose_shards`).
     warmup, samples, chains : int
         NUTS warm-up iterations, kept draws per chain, chains per shard (>= 1; R-hat needs 2 chains).
     thin : int, optional
@@ -231,11 +239,35 @@ def _sample(cl, plan: Plan, initial: InitialFit, sampler: SamplerSettings, combi
         f"{n}={v:.5g}" for n, v in zip(plan.coords.names, initial.result.values)))
     noise, pieces = _tile_pass(cl, plan, initial.result)
     say(progress, _noise_line(noise))
+    choice = choose_shards(plan.n_shards, plan.n_lattice, _level_precision(plan, noise, initial.result, pieces),
+                           sum(cl.nthreads().values()))
+    plan = replace(plan, n_shards=choice.n_shards)
+    say(progress, choice.describe(plan.n_lattice))
+    if choice.warning():
+        say(progress, f"xpcsfit cmc: warning: {choice.warning()}")
     specs = _shard_specs(plan, noise, initial.result, sampler)
     points = pad_to_common_shapes([shard_data(pieces, s.index, s.n_shards, plan.layout.n_bins) for s in specs])
     del pieces  # each shard's points now travel with its task
-    run = CMCRun(plan=plan, sampler=sampler, combine=combine, noise=noise, initial=initial)
+    run = CMCRun(plan=plan, sampler=sampler, combine=combine, noise=noise, initial=initial, shards=choice)
     return run, _run_shards(cl, specs, points, progress)
+
+
+def _level_precision(plan: Plan, noise, initial: FitResult, pieces) -> dict:
+    """Level name -> Laplace sd on all points relative to the least-squares value.
+
+    Measured on one probe shard of ~PROBE_POINTS points (K0 = n_lattice / PROBE_POINTS
+    of them): its target is prior^(1/K0) × 1/K0 of the likelihood, so K0 times its
+    Hessian is about the full posterior's, and the full sd is the probe's over √K0.
+    A few seconds here, instead of a Hessian of every point.
+    """
+    k0 = max(1, math.ceil(plan.n_lattice / PROBE_POINTS))
+    probe = replace(plan, n_shards=k0)
+    spec = _shard_specs(probe, noise, initial, SamplerSettings(warmup=1, samples=1, chains=1, seed=0))[0]
+    data = shard_data(pieces, 0, k0, plan.layout.n_bins)
+    sd = laplace_sd(spec, data) / math.sqrt(k0)
+    names = plan.coords.w_names
+    return {n: float(sd[names.index(n)] / max(abs(spec.w_start[names.index(n)]), 1e-300))
+            for n in plan.coords.level_names}
 
 
 def _run_shards(cl, specs, points, progress) -> list[dict]:
@@ -244,12 +276,15 @@ def _run_shards(cl, specs, points, progress) -> list[dict]:
     A shard that still fails is reported as ``index``, ``name``, ``error``, never
     dropped silently.
     """
+    import dask
     from distributed import span, wait
 
     name = task_name("cmc-shard", new_token())
     futures, results = {}, {}
     try:
-        with span("shards"):
+        # The points travel inside their task on purpose (see the module note): no
+        # "large graph" advice for a shard of a million points (~12 MiB).
+        with span("shards"), dask.config.set({"distributed.admin.large-graph-warning-threshold": "1 GiB"}):
             for spec, data in zip(specs, points):
                 f = cl.submit(run_shard, spec, data, retries=2, pure=False, key=(name, spec.index))
                 futures[f] = spec

@@ -3,8 +3,9 @@
 The options (:func:`check_options`), the least-squares fit the shards start from
 (:class:`InitialFit`, and what it decides when not given: :func:`defaults_from_fit`),
 and the :class:`Plan`: configuration, sampling coordinates, the opened selection, its
-tiles and the number of shards K. :class:`CMCRun` is all of it together with the noise
-model, as :mod:`xpcsfit.cmc.results` records it.
+tiles and the number of shards K when given; else K is chosen once the data's precision
+is known (:func:`choose_shards`, :class:`ShardChoice`). :class:`CMCRun` is all of it
+together with the noise model, as :mod:`xpcsfit.cmc.results` records it.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from xpcsfit.io.dataset import open_dataset
 from xpcsfit.leastsq.results import FitResult
 from xpcsfit.parameters import MODES, ParameterLayout, resolve_gap
 
-TARGET_POINTS_PER_SHARD = 40_000  # lattice points; ~2-3 ms per gradient on one core
 MIN_POINTS_PER_SHARD = 1_000
 DEFAULT_THIN = 2
+# The default K keeps each shard's Laplace relative sd of every level (J's, gamma_dot's
+# window mean) at or below this. Measured (NUTS, 2 x (500 + 500)): shards at 5.3 % pass
+# their diagnostics (flow_small, K = 4), at 7.4 % they start to fail (K = 8: bulk ESS
+# 304), at 17 % they fail badly (a 1000-frame, 23-phi map cut into 72 shards of 40 000
+# points: 426 divergent transitions of 1000, R-hat 1.06, phi0 unconstrained): with too
+# little data a shard's posterior is its prior^(1/K), wide and far from Gaussian.
+MAX_LEVEL_RELATIVE_SD = 0.06
+PROBE_POINTS = 60_000  # lattice points of the shard the data's precision is measured on
 
 
 @dataclass(frozen=True)
@@ -81,8 +89,8 @@ class Plan:
         Tile edge, frames.
     n_lattice : int
         Lattice points over all bins.
-    n_shards : int
-        K.
+    n_shards : int or None
+        K; None until :func:`choose_shards` has set it from the data (when not given).
     layout : ParameterLayout
     tiles : list of TileSpec
     """
@@ -94,24 +102,107 @@ class Plan:
     thin: int
     tile: int
     n_lattice: int
-    n_shards: int
+    n_shards: int | None
     layout: ParameterLayout
     tiles: list
 
     def describe(self, sampler: SamplerSettings) -> str:
         """The progress line announcing the run."""
         ds, K = self.ds, self.n_shards
+        cut = (f"{K} shards of ~{self.n_lattice // K:,} points" if K else
+               f"{self.n_lattice:,} points into shards (how many: after the least-squares fit)")
         return (f"xpcsfit cmc: {self.cfg.mode}, {ds.attrs['source']}: {ds.sizes['q']} q × "
-                f"{ds.sizes['phi']} phi × {ds.sizes['t1']} frames; {K} shards of ~{self.n_lattice // K:,} "
-                f"points (every {self.thin}. frame in t1 and t2), {sampler.chains} chains × "
-                f"({sampler.warmup} warm-up + {sampler.samples}) draws each")
+                f"{ds.sizes['phi']} phi × {ds.sizes['t1']} frames; {cut} (every {self.thin}. frame in t1 "
+                f"and t2), {sampler.chains} chains × ({sampler.warmup} warm-up + {sampler.samples}) draws each")
+
+
+@dataclass(frozen=True)
+class ShardChoice:
+    """How K was set, and how well each shard's data determine the levels.
+
+    Attributes
+    ----------
+    n_shards : int
+        K.
+    given : bool
+        K was asked for (``shards=``), not chosen.
+    level_relative_sd : dict
+        Sampling coordinate name (:attr:`Coordinates.level_names`) -> its Laplace sd on
+        all the points, relative to its least-squares value; a shard of 1/K of the
+        points (prior^(1/K)) has √K times it.
+    most_by_information : int
+        The largest K whose shards keep every level's relative sd at or below
+        :data:`MAX_LEVEL_RELATIVE_SD`.
+    worker_threads : int
+        Threads of the cluster's workers when K was set.
+    """
+
+    n_shards: int
+    given: bool
+    level_relative_sd: dict
+    most_by_information: int
+    worker_threads: int
+
+    def shard_relative_sd(self) -> dict:
+        """Level name -> relative sd in one shard of this K."""
+        return {n: v * math.sqrt(self.n_shards) for n, v in self.level_relative_sd.items()}
+
+    def describe(self, n_lattice: int) -> str:
+        """The progress line: K, why, and the shards' precision."""
+        K = self.n_shards
+        why = ("as given" if self.given else
+               f"the smaller of the cluster's {self.worker_threads} worker threads and the "
+               f"{self.most_by_information} shards the data support")
+        sd = ", ".join(f"{n} {100 * v:.2g} %" for n, v in self.shard_relative_sd().items())
+        return f"xpcsfit cmc: {K} shards of ~{n_lattice // K:,} points ({why}); relative sd per shard: {sd}"
+
+    def warning(self) -> str | None:
+        """A warning when the given K cuts the data finer than they support, else None."""
+        if self.n_shards <= self.most_by_information:
+            return None
+        worst = max(self.shard_relative_sd().items(), key=lambda kv: kv[1])
+        return (f"{self.n_shards} shards determine {worst[0]} only to {100 * worst[1]:.2g} % each (at most "
+                f"{self.most_by_information} keep every level within {100 * MAX_LEVEL_RELATIVE_SD:g} %): expect "
+                "shards failing their diagnostics and a combination that is not the posterior")
+
+
+def choose_shards(given, n_lattice: int, level_relative_sd: dict, worker_threads: int) -> ShardChoice:
+    """K: ``given``, else as many as the cluster has worker threads, as long as each
+    shard still determines every level within :data:`MAX_LEVEL_RELATIVE_SD`.
+
+    More shards than threads buy no speed (the shards' total cost is about that of one
+    run on all points) and make every sub-posterior wider and less Gaussian; so K never
+    exceeds the threads, and never the data's support.
+
+    Parameters
+    ----------
+    given : int or None
+        The K asked for (already checked by :func:`check_shards`).
+    n_lattice : int
+        Lattice points of the selection.
+    level_relative_sd : dict
+        Level name -> Laplace relative sd on all points (non-finite: not determined).
+    worker_threads : int
+        Threads of the cluster's workers (0 when none is up: counted as 1).
+    """
+    worst = max(level_relative_sd.values())
+    by_points = max(1, n_lattice // MIN_POINTS_PER_SHARD)
+    if np.isfinite(worst) and worst > 0:
+        by_information = int(max(1, min(by_points, math.floor((MAX_LEVEL_RELATIVE_SD / worst) ** 2))))
+    else:
+        by_information = 1
+    K = int(given) if given is not None else min(by_information, max(1, int(worker_threads)))
+    return ShardChoice(n_shards=K, given=given is not None,
+                       level_relative_sd={n: float(v) for n, v in level_relative_sd.items()},
+                       most_by_information=by_information, worker_threads=int(worker_threads))
 
 
 @dataclass(frozen=True)
 class CMCRun:
     """A plan as it ran: everything :mod:`xpcsfit.cmc.results` records besides the draws.
 
-    ``noise`` is :func:`xpcsfit.noise.noise_model`'s dict; ``combine`` the method.
+    ``noise`` is :func:`xpcsfit.noise.noise_model`'s dict; ``combine`` the method;
+    ``shards`` how K was set (``plan.n_shards`` is then K).
     """
 
     plan: Plan
@@ -119,6 +210,7 @@ class CMCRun:
     combine: str
     noise: dict
     initial: InitialFit
+    shards: ShardChoice
 
 
 def check_options(shards, warmup, samples, chains, thin, combine, seed, target_accept) -> SamplerSettings:
@@ -223,15 +315,16 @@ def make_plan(input, selection: Selection, mode, gap, config, shards, thin,
     if initial is not None:
         check_matches(initial, ds)
     return Plan(cfg=cfg, coords=coords, ds=ds, L=float(L), thin=thin, tile=size, n_lattice=n_lattice,
-                n_shards=shard_count(n_lattice, shards), layout=ParameterLayout(MODES[cfg.mode], n_q, n_phi),
+                n_shards=check_shards(n_lattice, shards), layout=ParameterLayout(MODES[cfg.mode], n_q, n_phi),
                 tiles=plan_tiles(ds, size))
 
 
-def shard_count(n_lattice, shards) -> int:
-    """K: given, else about TARGET_POINTS_PER_SHARD lattice points per shard."""
+def check_shards(n_lattice, shards) -> int | None:
+    """The K asked for (None: to be chosen, :func:`choose_shards`); ConfigError when it
+    leaves a shard fewer than MIN_POINTS_PER_SHARD points."""
     most = max(1, n_lattice // MIN_POINTS_PER_SHARD)
     if shards is None:
-        return int(min(most, max(1, math.ceil(n_lattice / TARGET_POINTS_PER_SHARD))))
+        return None
     if shards > most:
         raise ConfigError(f"shards: {shards} is too many for {n_lattice:,} points; at most {most} "
                           f"(>= {MIN_POINTS_PER_SHARD:,} points per shard); select more data or a smaller thin")

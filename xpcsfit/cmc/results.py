@@ -21,7 +21,7 @@ import numpy as np
 
 from xpcsfit.cmc import combine as comb
 from xpcsfit.cmc.coordinates import N_WINDOW, PRIOR_SD
-from xpcsfit.cmc.plan import CMCRun
+from xpcsfit.cmc.plan import MAX_LEVEL_RELATIVE_SD, CMCRun
 from xpcsfit.errors import SamplingError
 from xpcsfit.io.result_dir import result_manifest
 from xpcsfit.parameters import UNITS
@@ -135,6 +135,8 @@ def summarise(results: list[dict], run: CMCRun) -> CMCResult:
     t = np.asarray(plan.ds["t1"].values, float)
     t_ref = np.quantile(t, [0.1, 0.5, 0.9]).round(6)
     shards, warn = _shard_summaries(results, shard_w, run, to_theta, t_ref)
+    if run.shards.warning():
+        warn.insert(0, run.shards.warning())
     names = list(plan.coords.names)
     params = comb.describe_all(names, theta)
     for n in names:
@@ -257,6 +259,7 @@ def _summary(run: CMCRun, ok, params, transport, shards, combined, warn) -> dict
         "likelihood": _likelihood_record(run, ok),
         "prior": _prior_record(plan.coords, plan.n_shards),
         "sampling": _sampling_record(run),
+        "shard_count": _shard_count_record(run.shards),
         "settings": {"shards": plan.n_shards, "warmup": run.sampler.warmup, "samples": run.sampler.samples,
                      "chains": run.sampler.chains, "thin": plan.thin, "tile": plan.tile,
                      "seed": run.sampler.seed, "combine": run.combine, "gap": float(plan.L),
@@ -268,6 +271,19 @@ def _summary(run: CMCRun, ok, params, transport, shards, combined, warn) -> dict
                      "consensus Monte Carlo algorithm, Int. J. Management Science and Engineering "
                      "Management 11(2), 78-88 (2016)",
         "wall_time_s": None,
+    }
+
+
+def _shard_count_record(choice) -> dict:
+    return {
+        "K": choice.n_shards,
+        "how": "given" if choice.given else "the smaller of the worker threads and the shards the data support",
+        "worker_threads": choice.worker_threads,
+        "most_by_information": choice.most_by_information,
+        "rule": f"each shard's Laplace sd of every level (window mean of J, gamma_dot) at most "
+                f"{MAX_LEVEL_RELATIVE_SD:g} of its value; a shard has sqrt(K) times the sd on all points",
+        "level_relative_sd_all_points": choice.level_relative_sd,
+        "level_relative_sd_per_shard": choice.shard_relative_sd(),
     }
 
 

@@ -241,6 +241,13 @@ def _whitening(spec: ShardSpec, data: ShardData):
     return w0, np.linalg.cholesky(cov / np.outer(sd, sd) + 1e-9 * np.eye(p)) * sd[:, None]
 
 
+def laplace_sd(spec: ShardSpec, data: ShardData) -> np.ndarray:
+    """sd (p,) of each sampling coordinate under the Laplace approximation of the shard's
+    target at ``spec.w_start`` (the covariance NUTS is whitened with, :func:`_whitening`)."""
+    _, T = _whitening(spec, data)
+    return np.sqrt((T * T).sum(axis=1))
+
+
 def _starts(spec, data, centre, T) -> np.ndarray:
     """Over-dispersed starts in z, one per chain: ~1 posterior sd around the
     least-squares point (so that R-hat can see chains that have not met), pulled in
