@@ -65,6 +65,9 @@ def test_default_shard_count_threads_and_information():
     assert wide.warning() is None
     assert choose_shards(None, 250_000, levels, 0).n_shards == 1  # no worker up yet
     assert choose_shards(None, 250_000, {"J_window_mean": float("nan")}, 8).n_shards == 1
+    # an undetermined level counts wherever it stands among the others
+    for order in ((0.026, float("nan")), (float("nan"), 0.026)):
+        assert choose_shards(None, 250_000, dict(zip(levels, order)), 8).n_shards == 1
     given = choose_shards(72, 2_900_000, {"J_window_mean": 0.02, "gamma_dot_window_mean": 0.018}, 2)
     assert given.n_shards == 72 and given.given
     assert "72 shards determine J_window_mean only to 17 % each (at most 9" in given.warning()

@@ -239,12 +239,12 @@ def _sample(cl, plan: Plan, initial: InitialFit, sampler: SamplerSettings, combi
         f"{n}={v:.5g}" for n, v in zip(plan.coords.names, initial.result.values)))
     noise, pieces = _tile_pass(cl, plan, initial.result)
     say(progress, _noise_line(noise))
-    choice = choose_shards(plan.n_shards, plan.n_lattice, _level_precision(plan, noise, initial.result, pieces),
-                           sum(cl.nthreads().values()))
+    levels = _level_precision(plan, noise, initial.result, sampler, pieces)
+    choice = choose_shards(plan.n_shards, plan.n_lattice, levels, sum(cl.nthreads().values()))
     plan = replace(plan, n_shards=choice.n_shards)
     say(progress, choice.describe(plan.n_lattice))
-    if choice.warning():
-        say(progress, f"xpcsfit cmc: warning: {choice.warning()}")
+    if (warning := choice.warning()) is not None:
+        say(progress, f"xpcsfit cmc: warning: {warning}")
     specs = _shard_specs(plan, noise, initial.result, sampler)
     points = pad_to_common_shapes([shard_data(pieces, s.index, s.n_shards, plan.layout.n_bins) for s in specs])
     del pieces  # each shard's points now travel with its task
@@ -252,7 +252,7 @@ def _sample(cl, plan: Plan, initial: InitialFit, sampler: SamplerSettings, combi
     return run, _run_shards(cl, specs, points, progress)
 
 
-def _level_precision(plan: Plan, noise, initial: FitResult, pieces) -> dict:
+def _level_precision(plan: Plan, noise, initial: FitResult, sampler: SamplerSettings, pieces) -> dict:
     """Level name -> Laplace sd on all points relative to the least-squares value.
 
     Measured on one probe shard of ~PROBE_POINTS points (K0 = n_lattice / PROBE_POINTS
@@ -262,7 +262,7 @@ def _level_precision(plan: Plan, noise, initial: FitResult, pieces) -> dict:
     """
     k0 = max(1, math.ceil(plan.n_lattice / PROBE_POINTS))
     probe = replace(plan, n_shards=k0)
-    spec = _shard_specs(probe, noise, initial, SamplerSettings(warmup=1, samples=1, chains=1, seed=0))[0]
+    spec = _shard_specs(probe, noise, initial, sampler)[0]
     data = shard_data(pieces, 0, k0, plan.layout.n_bins)
     sd = laplace_sd(spec, data) / math.sqrt(k0)
     names = plan.coords.w_names

@@ -185,7 +185,8 @@ def choose_shards(given, n_lattice: int, level_relative_sd: dict, worker_threads
     worker_threads : int
         Threads of the cluster's workers (0 when none is up: counted as 1).
     """
-    worst = max(level_relative_sd.values())
+    values = np.asarray(list(level_relative_sd.values()), float)
+    worst = values.max() if np.all(np.isfinite(values)) else np.inf  # max() of a NaN depends on order
     by_points = max(1, n_lattice // MIN_POINTS_PER_SHARD)
     if np.isfinite(worst) and worst > 0:
         by_information = int(max(1, min(by_points, math.floor((MAX_LEVEL_RELATIVE_SD / worst) ** 2))))
