@@ -159,11 +159,13 @@ def test_stream_and_hold_fits_agree(small_flow_file, client, tmp_path):
     assert held.engine["tile_size"] == 64  # a store's chunk side is the default tile
     np.testing.assert_allclose(streamed.x, held.x, rtol=1e-10, atol=0)
     np.testing.assert_allclose(from_hdf.x, held.x, rtol=1e-10, atol=0)
-    # At most one compiled variant per kernel (block sums, costs) and tile shape in a
-    # fit, none once every kernel has run, none for a shape a previous fit compiled.
+    # At most one compiled variant per kernel (block sums, costs, model) and tile shape in
+    # a fit, and none for a shape a previous fit compiled. "After warm-up" counts from the
+    # first normal-equation and cost passes: the model kernel is first run after them (the
+    # covariance pass), so the first fit on a worker (held may be) compiles it then.
     for engine in (held.engine, streamed.engine):
-        assert all(n <= 2 for n in engine["compilations"].values()), engine["compilations"]
-        assert all(n == 0 for n in engine["compilations_after_warmup"].values())
+        assert all(n <= 3 for n in engine["compilations"].values()), engine["compilations"]
+        assert all(n <= 1 for n in engine["compilations_after_warmup"].values())
     assert all(n == 0 for n in streamed.engine["compilations"].values())
 
 

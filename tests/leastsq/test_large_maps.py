@@ -1,8 +1,8 @@
 """Maps of more than MAX_PIXELS frames: strided reads and the whole ``xpcsfit fit`` path.
 
-Above 500 frames the heatmaps show every s-th frame only (``stride_for``). These tests
-fit simulated APS-U files of 1000 and 1037 frames (odd size: the last tile is partial,
-stride 3) through ``xpcsfit.cli.main``, from the HDF5 file and from a store written by
+Above MAX_PIXELS frames the heatmaps show every s-th frame only (``stride_for``). These
+tests fit simulated APS-U files of 1000 and 1037 frames (odd size: the last tile is
+partial; strides 4 and 5) through ``xpcsfit.cli.main``, from the HDF5 file and from a store written by
 ``xpcsfit ingest``, and check every output against the input.
 """
 
@@ -129,13 +129,13 @@ def test_fit_cli_writes_every_output_of_a_large_map(n_frames, source, simulated,
     n_phi, tile = CASES[n_frames]
     hdf, store = simulated[n_frames]
     pictures = {}
-    draw = plots.heatmap_png
+    draw = plots.heatmap_pngs
 
-    def record(path, t, data, fitted, title):
-        pictures[path.name] = (t, data, fitted)
-        draw(path, t, data, fitted, title)
+    def record(paths, t, data, fitted, titles):
+        pictures.update({p.name: (t, d, f) for p, d, f in zip(paths, data, fitted, strict=True)})
+        draw(paths, t, data, fitted, titles)
 
-    monkeypatch.setattr(plots, "heatmap_png", record)
+    monkeypatch.setattr(plots, "heatmap_pngs", record)
     out = tmp_path / "res"
     args = ["fit", str(hdf if source == "hdf" else store), "--out", str(out),
             "--scheduler", client.scheduler.address]
@@ -189,7 +189,7 @@ def test_fit_cli_writes_every_output_of_a_large_map(n_frames, source, simulated,
     # every picture exists and shows the data and the model at every s-th frame
     assert (out / "transport.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     s = plots.stride_for(n)
-    assert s == -(-n // 500) > 1
+    assert s == -(-n // plots.MAX_PIXELS) > 1
     assert sorted(pictures) == sorted(f"c2_q0_phi{ip}.png" for ip in range(n_phi))
     upper = np.triu(np.ones((n, n), bool), 1)[::s, ::s]
     for ip in range(n_phi):
