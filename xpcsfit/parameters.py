@@ -121,8 +121,12 @@ def warn_default_gap(mode: str, stacklevel: int = 2) -> None:
     depends on the gap, so static fits are not warned. ``stacklevel`` as for
     :func:`resolve_gap`."""
     if mode == "laminar_flow":
-        warnings.warn(f"gap L not given; using the default {DEFAULT_GAP:.1e} Å "
-                      "(the result files do not record it)", GapWarning, stacklevel=stacklevel + 1)
+        warnings.warn(default_gap_message(), GapWarning, stacklevel=stacklevel + 1)
+
+
+def default_gap_message() -> str:
+    """The text of the :class:`GapWarning`."""
+    return f"gap L not given; using the default {DEFAULT_GAP:.1e} Å (the result files do not record it)"
 
 
 @dataclass(frozen=True)

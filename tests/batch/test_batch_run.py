@@ -9,6 +9,7 @@ whose fits converge in about ten iterations (a few need over a hundred at this s
 from __future__ import annotations
 
 import json
+import warnings
 
 import h5py
 import numpy as np
@@ -19,11 +20,12 @@ from test_batch_report import parse
 import xpcsfit
 from xpcsfit.batch.catalogue import Catalogue
 from xpcsfit.batch.query import results_text
-from xpcsfit.batch.run import CATALOGUE_FILE, REPORT_FILE, batch, catalogue_path
+from xpcsfit.batch.run import CATALOGUE_FILE, REPORT_FILE, batch, catalogue_path, fit_unit
 from xpcsfit.batch.settings import SETTINGS_FILE
 from xpcsfit.cli import main
 from xpcsfit.errors import EXIT_INCOMPLETE
 from xpcsfit.io.result_dir import is_xpcsfit_result
+from xpcsfit.parameters import GapWarning
 
 pytestmark = pytest.mark.slow  # real fits on the session's LocalCluster
 N_FRAMES = 40
@@ -158,3 +160,23 @@ def test_cli_dry_run_and_options(tree, capsys):
         main(["batch", str(tree), "--scheduler", "tcp://x:1", "--cluster", "local"])
     assert info.value.code == 2
     assert catalogue_path([tree / "s1" / "a.hdf"]) == tree / "s1" / CATALOGUE_FILE
+
+
+def test_a_defaulted_gap_is_said_once_a_run(tmp_path, client, capsys, small_flow_file):
+    # Two laminar_flow files and no gap setting: one line for the run from the driver,
+    # not a Python warning per unit in the workers' logs; fit.json marks each fit.
+    root = tmp_path / "data"
+    apsu_file(root / "a.hdf", n_frames=N_FRAMES, seed=5)
+    apsu_file(root / "b.hdf", n_frames=N_FRAMES, seed=5)
+    summary = batch(root, client=client)
+    printed = capsys.readouterr().out
+    assert printed.count("gap L not given") == 1 and "set gap: in an xpcsfit.yaml" in printed
+    dirs = [u.result_dir for u in summary.units]
+    assert len(dirs) == 2 and all(json.loads((d / "fit.json").read_text())["provenance"]["gap_defaulted"]
+                                  for d in dirs)
+    # the worker task itself lets no GapWarning out (other warnings pass)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = fit_unit(str(small_flow_file), progress=False, in_process=True)
+    assert result.provenance["gap_defaulted"]
+    assert not [w for w in seen if issubclass(w.category, GapWarning)]

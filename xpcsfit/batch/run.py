@@ -44,6 +44,7 @@ from xpcsfit.batch.display import Display
 from xpcsfit.batch.plan import ERROR, FIT, SKIP, Plan, Step, make_plan
 from xpcsfit.batch.report import write_report
 from xpcsfit.errors import EXIT_INCOMPLETE, ConfigError, XpcsfitError
+from xpcsfit.parameters import GapWarning, default_gap_message
 
 CATALOGUE_FILE = "xpcsfit.sqlite"
 REPORT_FILE = "index.html"
@@ -247,6 +248,7 @@ class _Runner:
         self.cat, self.connect, self.display, self.stop = cat, connect, display, stop
         self._client = None
         self._slots, self._slots_at = 1, -1e9
+        self._gap_said = False
 
     @property
     def client(self):
@@ -308,15 +310,13 @@ class _Runner:
         return self._slots
 
     def _submit(self, step: Step):
-        from xpcsfit.leastsq.driver import fit
-
         u = step.unit
         attempt = self.cat.begin(input=u.path, sha256=step.sha256, q_index=u.q_index, q=u.q,
                                        mode=u.settings.mode, fingerprint=step.fingerprint)
         whole = u.n_points <= u.settings.in_process_max_points
         key = f"xpcsfit-batch-{u.path.stem}-q{'-'.join(map(str, u.q_index))}-{uuid.uuid4().hex[:8]}"
         return self.client.submit(
-            fit, str(u.path), q_index=list(u.q_index), frames=u.frames, config=u.settings.fit_config(),
+            fit_unit, str(u.path), q_index=list(u.q_index), frames=u.frames, config=u.settings.fit_config(),
             out=str(step.result_dir), progress=False, in_process=whole, key=key, pure=False), attempt
 
     def _record(self, fut, step: Step, attempt: int, seconds: float) -> UnitStatus:
@@ -329,10 +329,31 @@ class _Runner:
             self.display.finished(label, FAILED, seconds, error)
             return UnitStatus(label, step.path, FAILED, error, step.result_dir, attempt)
         self.cat.finish(attempt, result, step.result_dir)
+        if result.provenance.get("gap_defaulted") and not self._gap_said:
+            self._gap_said = True
+            self.display.say(f"xpcsfit batch: warning: {step.path}: {default_gap_message()}; "
+                             "set gap: in an xpcsfit.yaml beside the data (said once a run; "
+                             "fit.json's provenance.gap_defaulted marks each such fit)")
         status = CONVERGED if result.converged else NOT_CONVERGED
         self.display.finished(label, status, seconds, None if result.converged else result.termination)
         return UnitStatus(label, step.path, status, "" if result.converged else str(result.termination),
                           step.result_dir, attempt)
+
+
+def fit_unit(input, **kwargs):
+    """Worker task: one unit's :func:`~xpcsfit.leastsq.driver.fit`, its GapWarning not shown.
+
+    A worker prints a warning into its log with a Dask source line, once per unit; the
+    batch driver says it once a run instead, from the result's provenance. Other warnings
+    pass as they are.
+    """
+    import warnings
+
+    from xpcsfit.leastsq.driver import fit
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GapWarning)
+        return fit(input, **kwargs)
 
 
 def one_line(exc: BaseException) -> str:
