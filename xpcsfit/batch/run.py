@@ -35,6 +35,7 @@ import signal
 import threading
 import time
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,8 +348,6 @@ def fit_unit(input, **kwargs):
     batch driver says it once a run instead, from the result's provenance. Other warnings
     pass as they are.
     """
-    import warnings
-
     from xpcsfit.leastsq.driver import fit
 
     with warnings.catch_warnings():

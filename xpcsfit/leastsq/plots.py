@@ -8,7 +8,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure  # not pyplot: no backend to select, no figure registry to leak into
+from matplotlib.image import imsave
 
 MAX_PIXELS = 250  # a panel is 233 px across at 90 dpi: a finer grid only feeds the resampling
 
@@ -79,8 +81,6 @@ class _HeatmapFigure:
     DPI = 90
 
     def __init__(self):
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-
         self.fig = Figure(figsize=(13, 4.2), dpi=self.DPI)
         self.canvas = FigureCanvasAgg(self.fig)
         # fixed margins: a layout engine doubles the drawing time of this figure
@@ -108,8 +108,6 @@ class _HeatmapFigure:
     def draw(self, paths: list[Path], extent: list, limits: list, pictures: list, titles: list[str]) -> None:
         """Write one picture per path: ``limits`` (vmin, vmax) of data, fit, residual;
         ``pictures`` a (data, fit, residual) image triple per path."""
-        from matplotlib.image import imsave
-
         for im, (lo, hi) in zip(self.images, limits):
             im.set_extent(extent)
             im.set_clim(lo, hi)  # the colorbar follows its image's norm
